@@ -1,0 +1,1 @@
+"""Locust replay of user streams against the service, the policy sweep and its report."""

@@ -1,0 +1,60 @@
+"""HSTU: Hierarchical Sequential Transduction Units (Zhai et al., "Actions Speak Louder than Words",
+ICML 2024).
+
+Each layer projects its normalised input once into four parts, U, V, Q, K = split(SiLU(W1 x)); weighs
+keys pointwise with SiLU(q.k + rab) instead of a softmax, divided by a constant (here the training
+window, so that a cached key's weight never changes when the history grows); and gates the normalised
+attention output by U: y = W2(LayerNorm(A V) * U). The relative attention bias `rab` adds a learned value
+per head for the bucketed position distance and the bucketed time gap between query and key; both bucket
+functions are defined for any distance, so a state can grow past the training length.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from models.recommender import Block, ModelConfig, SequentialRecommender, log_bucket, time_bucket
+
+
+class HSTUBlock(Block):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        h = cfg.heads
+        self.norm_in = nn.LayerNorm(cfg.dim)
+        self.uvqk = nn.Linear(cfg.dim, h * (2 * cfg.d_v + 2 * cfg.d_k))
+        self.norm_attn = nn.LayerNorm(h * cfg.d_v)
+        self.out = nn.Linear(h * cfg.d_v, cfg.dim)
+        self.pos_bias = nn.Parameter(torch.zeros(cfg.pos_buckets, h))
+        self.time_bias = nn.Parameter(torch.zeros(cfg.time_buckets, h))
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def qkv(self, x: Tensor, pos: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        cfg = self.cfg
+        b, n, _ = x.shape
+        u, v, q, k = F.silu(self.uvqk(self.norm_in(x))).split(
+            [cfg.heads * cfg.d_v, cfg.heads * cfg.d_v, cfg.heads * cfg.d_k, cfg.heads * cfg.d_k], dim=-1)
+        heads = lambda t: t.view(b, n, cfg.heads, -1).transpose(1, 2)  # [B, n, H*d] -> [B, H, n, d]
+        return heads(q), heads(k), heads(v), u
+
+    def weights(self, q, k, rel_pos, rel_ts, key_weight, mask):
+        cfg = self.cfg
+        rab = self.pos_bias[log_bucket(rel_pos, cfg.pos_buckets)] + self.time_bias[
+            time_bucket(rel_ts, cfg.time_buckets)]  # [B, n, T, H]
+        logits = q @ k.transpose(-1, -2) / math.sqrt(cfg.d_k) + rab.permute(0, 3, 1, 2)  # [B, H, n, T]
+        w = F.silu(logits) * key_weight[:, None, None, :] / cfg.max_len
+        return w.masked_fill(~mask[:, None], 0.0)
+
+    def output(self, x, attn, ctx):
+        b, h, n, d = attn.shape
+        merged = attn.transpose(1, 2).reshape(b, n, h * d)  # [B, n, H*d_v]
+        return x + self.drop(self.out(self.norm_attn(merged) * ctx))
+
+
+class HSTU(SequentialRecommender):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__(cfg, [HSTUBlock(cfg) for _ in range(cfg.layers)])

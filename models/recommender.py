@@ -1,0 +1,212 @@
+"""What HSTU and SASRec share: embeddings, the cached-attention loop, scoring and top-k.
+
+A model is a stack of blocks. Each block turns its input into queries, keys and values, weighs keys for
+each query, and folds the weighted values back into the residual stream. The same three block methods
+serve training (`forward`, the whole window at once with a causal mask) and serving (`extend`, only the
+new events, attending to the keys and values cached in a `State`). Because nothing in a block depends
+on absolute position except through relative biases or rotary phases, `extend(prefill(h[:t]), h[t:])`
+equals `prefill(h)`: the invariant the whole service rests on (tests/test_exactness.py).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from models.state import AttentionStats, Events, State
+
+
+@dataclass
+class ModelConfig:
+    """Hyperparameters of either model. The defaults are the design card's small model:
+    2 layers x 2 heads x (32 + 32) x 4 bytes = 1 KiB of fp32 state per event."""
+
+    kind: str = "hstu"  # "hstu" or "sasrec"
+    num_items: int = 1  # catalogue size; id num_items is the out-of-vocabulary item
+    num_actions: int = 16  # action ids 0..num_actions-1; 0 means "no action"
+    dim: int = 64
+    layers: int = 2
+    heads: int = 2
+    d_k: int = 32
+    d_v: int = 32
+    max_len: int = 200  # training window; states may grow past it (positions are relative)
+    dropout: float = 0.2
+    pos_buckets: int = 64  # HSTU: log-spaced buckets of relative position, the last one open-ended
+    time_buckets: int = 64  # HSTU: log2 buckets of time gaps in seconds
+    obs_window: int = 16  # new queries whose attention rows `extend` reports (SnapKV-style policies)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class Block(nn.Module):
+    """One attention layer. Shapes: B users, n queries, T keys, H heads, D model width."""
+
+    def qkv(self, x: Tensor, pos: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """x [B, n, D], pos [B, n] -> q, k [B, H, n, d_k], v [B, H, n, d_v], ctx (for `output`)."""
+        raise NotImplementedError
+
+    def weights(self, q: Tensor, k: Tensor, rel_pos: Tensor, rel_ts: Tensor, key_weight: Tensor,
+                mask: Tensor) -> Tensor:
+        """Attention weights [B, H, n, T] applied to the values.
+
+        q [B, H, n, d_k], k [B, H, T, d_k]; rel_pos, rel_ts [B, n, T] int64 (query minus key, >= 0 where
+        allowed); key_weight [B, T] (a merged key stands for that many events); mask [B, n, T] bool.
+        """
+        raise NotImplementedError
+
+    def output(self, x: Tensor, attn: Tensor, ctx: Tensor) -> Tensor:
+        """x [B, n, D], attn [B, H, n, d_v] (weights @ values) -> new residual stream [B, n, D]."""
+        raise NotImplementedError
+
+
+class SequentialRecommender(nn.Module):
+    """Base class of HSTU and SASRec: embeddings, forward/prefill/extend, score and top-k."""
+
+    def __init__(self, cfg: ModelConfig, blocks: list[Block]):
+        super().__init__()
+        self.cfg = cfg
+        self.item_emb = nn.Embedding(cfg.num_items + 1, cfg.dim)  # last row: out-of-vocabulary item
+        self.action_emb = nn.Embedding(cfg.num_actions, cfg.dim)
+        self.blocks = nn.ModuleList(blocks)
+        self.final_norm = nn.LayerNorm(cfg.dim)
+        self.drop = nn.Dropout(cfg.dropout)
+        nn.init.normal_(self.item_emb.weight, std=0.02)
+        nn.init.normal_(self.action_emb.weight, std=0.02)
+
+    # ----------------------------------------------------------------------------- inputs
+
+    def embed(self, items: Tensor, actions: Tensor) -> Tensor:
+        """items, actions [..., n] -> [..., n, D]; unknown items map to the OOV row, actions are clamped."""
+        items = items.clamp(0, self.cfg.num_items)
+        actions = actions.clamp(0, self.cfg.num_actions - 1)
+        return self.drop(self.item_emb(items) + self.action_emb(actions))
+
+    # ----------------------------------------------------------------------------- training
+
+    def forward(self, items: Tensor, ts: Tensor, actions: Tensor, valid: Tensor) -> Tensor:
+        """Full causal pass over padded windows.
+
+        items, ts, actions [B, L] int64, valid [B, L] bool (padding anywhere) -> hidden [B, L, D].
+        Positions count valid events only, so left and right padding give the same result.
+        """
+        pos = valid.long().cumsum(1) - 1  # [B, L]
+        x = self.embed(items, actions)
+        rel_pos = pos[:, :, None] - pos[:, None, :]  # [B, L, L]
+        rel_ts = ts[:, :, None] - ts[:, None, :]
+        mask = valid[:, None, :] & (rel_pos >= 0) & valid[:, :, None]
+        key_weight = valid.to(x.dtype)
+        for block in self.blocks:
+            q, k, v, ctx = block.qkv(x, pos)
+            w = block.weights(q, k, rel_pos, rel_ts, key_weight, mask)
+            x = block.output(x, w @ v, ctx)
+        return self.final_norm(x)
+
+    # ----------------------------------------------------------------------------- serving
+
+    def empty_state(self) -> State:
+        cfg, dev = self.cfg, self.item_emb.weight.device
+        n = cfg.layers
+        return State(
+            k=[torch.zeros(cfg.heads, 0, cfg.d_k, device=dev) for _ in range(n)],
+            v=[torch.zeros(cfg.heads, 0, cfg.d_v, device=dev) for _ in range(n)],
+            pos=[torch.zeros(0, dtype=torch.long, device=dev) for _ in range(n)],
+            ts=[torch.zeros(0, dtype=torch.long, device=dev) for _ in range(n)],
+            weight=[torch.zeros(0, device=dev) for _ in range(n)],
+        )
+
+    @torch.no_grad()
+    def extend(self, state: State, events: Events) -> tuple[State, Tensor | None, AttentionStats]:
+        """Fold `events` into `state`: only the new tokens are computed, attending to the cached ones.
+
+        Returns a new state (the input is not modified), the last event's hidden [D] (the state's
+        previous one when there are no events) and the attention statistics of this call.
+        """
+        dev = self.item_emb.weight.device
+        n = len(events)
+        items, ts, actions = (t.to(dev) for t in (events.items, events.ts, events.actions))
+        q_pos = state.events_consumed + torch.arange(n, device=dev)  # [n]
+        x = self.embed(items, actions)[None]  # [1, n, D]
+        # extras are aligned with the token axis: new tokens start at zero (e.g. no accumulated attention)
+        new = State(k=[], v=[], pos=[], ts=[], weight=[], events_consumed=state.events_consumed + n,
+                    extras={name: [F.pad(t, (0, n)) for t in per_layer] for name, per_layer in state.extras.items()})
+        received, window = [], []
+        for layer, block in enumerate(self.blocks):
+            q, k, v, ctx = block.qkv(x, q_pos[None])
+            keys = torch.cat([state.k[layer], k[0]], dim=1)  # [H, T, d_k], T = T_cached + n
+            values = torch.cat([state.v[layer], v[0]], dim=1)  # [H, T, d_v]
+            k_pos = torch.cat([state.pos[layer], q_pos])  # [T]
+            k_ts = torch.cat([state.ts[layer], ts])
+            k_weight = torch.cat([state.weight[layer], torch.ones(n, device=dev, dtype=keys.dtype)])
+            rel_pos = q_pos[:, None] - k_pos[None, :]  # [n, T]
+            w = block.weights(q, keys[None], rel_pos[None], (ts[:, None] - k_ts[None, :])[None],
+                              k_weight[None], (rel_pos >= 0)[None])  # [1, H, n, T]
+            x = block.output(x, w @ values[None], ctx)
+            new.k.append(keys)
+            new.v.append(values)
+            new.pos.append(k_pos)
+            new.ts.append(k_ts)
+            new.weight.append(k_weight)
+            received.append(w[0].abs().sum(1))  # [H, T]
+            window.append(w[0, :, -self.cfg.obs_window:].abs())  # [H, w, T]
+        new.last_hidden = self.final_norm(x[0, -1]) if n else state.last_hidden
+        return new, new.last_hidden, AttentionStats(received, window)
+
+    @torch.no_grad()
+    def prefill(self, events: Events, chunk: int = 1024) -> tuple[State, Tensor | None, AttentionStats]:
+        """State of a whole history, built in chunks so memory stays O(chunk x T) for long histories.
+
+        `received` sums over all chunks; `window` comes from the last chunk.
+        """
+        state, hidden = self.empty_state(), None
+        received: list[Tensor] | None = None
+        stats = AttentionStats([], [])
+        for start in range(0, max(len(events), 1), chunk):
+            state, hidden, stats = self.extend(state, events[start:start + chunk])
+            if received is not None:
+                stats.received = [F.pad(old, (0, new.shape[-1] - old.shape[-1])) + new
+                                  for old, new in zip(received, stats.received)]
+            received = stats.received
+        return state, hidden, stats
+
+    # ----------------------------------------------------------------------------- ranking
+
+    def item_vectors(self) -> Tensor:
+        """[N, D] L2-normalised catalogue embeddings (the OOV row excluded)."""
+        return F.normalize(self.item_emb.weight[: self.cfg.num_items], dim=-1)
+
+    def score(self, hidden: Tensor, candidates: Tensor | None = None) -> Tensor:
+        """Cosine scores. hidden [B, D]; candidates [B, C] item ids, or None for the catalogue -> [B, C|N]."""
+        h = F.normalize(hidden, dim=-1)
+        if candidates is None:
+            return h @ self.item_vectors().T
+        cand = F.normalize(self.item_emb(candidates.clamp(0, self.cfg.num_items)), dim=-1)  # [B, C, D]
+        return torch.einsum("bd,bcd->bc", h, cand)
+
+    def topk(self, hidden: Tensor, k: int, exclude: list[Tensor] | None = None) -> tuple[Tensor, Tensor]:
+        """Top-k over the catalogue. hidden [B, D]; exclude: per user the item ids to leave out (e.g. seen
+        ones) -> scores [B, k], item ids [B, k], best first."""
+        scores = self.score(hidden)  # [B, N]
+        if exclude is not None:
+            for row, items in enumerate(exclude):
+                scores[row, items[items < self.cfg.num_items]] = -math.inf
+        return scores.topk(min(k, scores.shape[1]), dim=1)
+
+
+def log_bucket(distance: Tensor, num_buckets: int, exact: int = 16, max_distance: int = 4096) -> Tensor:
+    """Relative-position bucket, defined for any distance: exact below `exact`, log-spaced up to
+    `max_distance`, and the last bucket open-ended. Negative distances (masked anyway) map to 0."""
+    d = distance.clamp(min=0)
+    log_part = exact + (
+        torch.log(d.clamp(min=exact).float() / exact) / math.log(max_distance / exact) * (num_buckets - exact)
+    ).long()
+    return torch.where(d < exact, d, log_part.clamp(max=num_buckets - 1))
+
+
+def time_bucket(gap_seconds: Tensor, num_buckets: int) -> Tensor:
+    """HSTU's time bucket: floor(log2(gap + 1)), clamped; gaps are non-negative in a causal window."""
+    return torch.floor(torch.log2(gap_seconds.clamp(min=0).double() + 1)).long().clamp(max=num_buckets - 1)

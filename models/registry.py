@@ -1,0 +1,15 @@
+"""Build a model from its config: the one place that maps `ModelConfig.kind` to a class."""
+
+from __future__ import annotations
+
+from models.hstu import HSTU
+from models.recommender import ModelConfig, SequentialRecommender
+from models.sasrec import SASRec
+
+MODELS = {"hstu": HSTU, "sasrec": SASRec}
+
+
+def build_model(cfg: ModelConfig) -> SequentialRecommender:
+    if cfg.kind not in MODELS:
+        raise ValueError(f"unknown model kind {cfg.kind!r}; choose one of {sorted(MODELS)}")
+    return MODELS[cfg.kind](cfg)
