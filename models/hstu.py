@@ -41,13 +41,13 @@ class HSTUBlock(Block):
         heads = lambda t: t.view(b, n, cfg.heads, -1).transpose(1, 2)  # [B, n, H*d] -> [B, H, n, d]
         return heads(q), heads(k), heads(v), u
 
-    def weights(self, q, k, rel_pos, rel_ts, key_weight, mask):
+    def weights(self, q, k, geometry, key_weight, mask):
         cfg = self.cfg
-        rab = self.pos_bias[log_bucket(rel_pos, cfg.pos_buckets)] + self.time_bias[
-            time_bucket(rel_ts, cfg.time_buckets)]  # [B, n, T, H]
-        logits = q @ k.transpose(-1, -2) / math.sqrt(cfg.d_k) + rab.permute(0, 3, 1, 2)  # [B, H, n, T]
-        w = F.silu(logits) * key_weight[:, None, None, :] / cfg.max_len
-        return w.masked_fill(~mask[:, None], 0.0)
+        pos_bucket, time_bucket_ = geometry  # [B, n, T] each
+        rab = self.pos_bias.T[:, pos_bucket] + self.time_bias.T[:, time_bucket_]  # [H, B, n, T]
+        logits = (q / math.sqrt(cfg.d_k)) @ k.transpose(-1, -2) + rab.transpose(0, 1)  # [B, H, n, T]
+        key_scale = (key_weight / cfg.max_len)[:, None, None, :]  # [B, 1, 1, T]
+        return (F.silu(logits) * key_scale).masked_fill(~mask[:, None], 0.0)
 
     def output(self, x, attn, ctx):
         b, h, n, d = attn.shape
@@ -58,3 +58,7 @@ class HSTUBlock(Block):
 class HSTU(SequentialRecommender):
     def __init__(self, cfg: ModelConfig):
         super().__init__(cfg, [HSTUBlock(cfg) for _ in range(cfg.layers)])
+
+    def geometry(self, rel_pos: Tensor, rel_ts: Tensor) -> tuple[Tensor, Tensor]:
+        """Bucket ids of position distance and time gap [B, n, T], shared by every layer's bias table."""
+        return log_bucket(rel_pos, self.cfg.pos_buckets), time_bucket(rel_ts, self.cfg.time_buckets)

@@ -50,12 +50,12 @@ class Block(nn.Module):
         """x [B, n, D], pos [B, n] -> q, k [B, H, n, d_k], v [B, H, n, d_v], ctx (for `output`)."""
         raise NotImplementedError
 
-    def weights(self, q: Tensor, k: Tensor, rel_pos: Tensor, rel_ts: Tensor, key_weight: Tensor,
-                mask: Tensor) -> Tensor:
+    def weights(self, q: Tensor, k: Tensor, geometry, key_weight: Tensor, mask: Tensor) -> Tensor:
         """Attention weights [B, H, n, T] applied to the values.
 
-        q [B, H, n, d_k], k [B, H, T, d_k]; rel_pos, rel_ts [B, n, T] int64 (query minus key, >= 0 where
-        allowed); key_weight [B, T] (a merged key stands for that many events); mask [B, n, T] bool.
+        q [B, H, n, d_k], k [B, H, T, d_k]; geometry: what the model's `geometry` derived from relative
+        positions and times, once for all layers; key_weight [B, T] (a merged key stands for that many
+        events); mask [B, n, T] bool.
         """
         raise NotImplementedError
 
@@ -100,11 +100,17 @@ class SequentialRecommender(nn.Module):
         rel_ts = ts[:, :, None] - ts[:, None, :]
         mask = valid[:, None, :] & (rel_pos >= 0) & valid[:, :, None]
         key_weight = valid.to(x.dtype)
+        geometry = self.geometry(rel_pos, rel_ts)
         for block in self.blocks:
             q, k, v, ctx = block.qkv(x, pos)
-            w = block.weights(q, k, rel_pos, rel_ts, key_weight, mask)
+            w = block.weights(q, k, geometry, key_weight, mask)
             x = block.output(x, w @ v, ctx)
         return self.final_norm(x)
+
+    def geometry(self, rel_pos: Tensor, rel_ts: Tensor):
+        """What the blocks need of the query-key layout (rel_pos, rel_ts [B, n, T] int64, query minus key),
+        computed once per call and shared by all layers. Rotary models need none of it."""
+        return None
 
     # ----------------------------------------------------------------------------- serving
 
@@ -128,6 +134,10 @@ class SequentialRecommender(nn.Module):
         """
         dev = self.item_emb.weight.device
         n = len(events)
+        if n == 0:  # nothing to fold in: the same state, and no key received any attention
+            zeros = [torch.zeros(self.cfg.heads, t.shape[1], device=dev) for t in state.k]  # [H, T_l]
+            window = [z.new_zeros(z.shape[0], 0, z.shape[1]) for z in zeros]  # [H, 0, T_l]
+            return state, state.last_hidden, AttentionStats(zeros, window)
         items, ts, actions = (t.to(dev) for t in (events.items, events.ts, events.actions))
         q_pos = state.events_consumed + torch.arange(n, device=dev)  # [n]
         x = self.embed(items, actions)[None]  # [1, n, D]
@@ -143,8 +153,9 @@ class SequentialRecommender(nn.Module):
             k_ts = torch.cat([state.ts[layer], ts])
             k_weight = torch.cat([state.weight[layer], torch.ones(n, device=dev, dtype=keys.dtype)])
             rel_pos = q_pos[:, None] - k_pos[None, :]  # [n, T]
-            w = block.weights(q, keys[None], rel_pos[None], (ts[:, None] - k_ts[None, :])[None],
-                              k_weight[None], (rel_pos >= 0)[None])  # [1, H, n, T]
+            if layer == 0 or not (torch.equal(k_pos, new.pos[-1]) and torch.equal(k_ts, new.ts[-1])):
+                geometry = self.geometry(rel_pos[None], (ts[:, None] - k_ts[None, :])[None])  # layers may differ
+            w = block.weights(q, keys[None], geometry, k_weight[None], (rel_pos >= 0)[None])  # [1, H, n, T]
             x = block.output(x, w @ values[None], ctx)
             new.k.append(keys)
             new.v.append(values)
@@ -153,7 +164,7 @@ class SequentialRecommender(nn.Module):
             new.weight.append(k_weight)
             received.append(w[0].abs().sum(1))  # [H, T]
             window.append(w[0, :, -self.cfg.obs_window:].abs())  # [H, w, T]
-        new.last_hidden = self.final_norm(x[0, -1]) if n else state.last_hidden
+        new.last_hidden = self.final_norm(x[0, -1])
         return new, new.last_hidden, AttentionStats(received, window)
 
     @torch.no_grad()
@@ -209,4 +220,4 @@ def log_bucket(distance: Tensor, num_buckets: int, exact: int = 16, max_distance
 
 def time_bucket(gap_seconds: Tensor, num_buckets: int) -> Tensor:
     """HSTU's time bucket: floor(log2(gap + 1)), clamped; gaps are non-negative in a causal window."""
-    return torch.floor(torch.log2(gap_seconds.clamp(min=0).double() + 1)).long().clamp(max=num_buckets - 1)
+    return torch.log2(gap_seconds.clamp(min=0).float() + 1).long().clamp(max=num_buckets - 1)

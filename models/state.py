@@ -107,7 +107,7 @@ class State:
         self.pos[layer] = self.pos[layer][idx]
         self.ts[layer] = self.ts[layer][idx]
         self.weight[layer] = self.weight[layer][idx]
-        for name, per_layer in self.extras.items():
+        for per_layer in self.extras.values():
             per_layer[layer] = per_layer[layer][..., idx]
 
     def clone(self) -> State:

@@ -1,0 +1,45 @@
+"""Ranking metrics from ranks, shared by training, `kvrec eval-model` and the benchmarks.
+
+A rank is 0-based: the number of items scored strictly above the true item (after exclusions).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+
+def hit_rate(ranks: Tensor, k: int) -> float:
+    return float((ranks < k).float().mean()) if len(ranks) else 0.0
+
+
+def ndcg(ranks: Tensor, k: int) -> float:
+    """One relevant item per case: 1 / log2(rank + 2) when it is in the top k, else 0."""
+    if not len(ranks):
+        return 0.0
+    gains = torch.where(ranks < k, 1.0 / torch.log2(ranks.double() + 2), torch.zeros((), dtype=torch.double))
+    return float(gains.mean())
+
+
+def ndcg_of_list(ranked: list, relevant: set, k: int) -> float:
+    """NDCG@k of a ranked list against a set of relevant ids (online accuracy: several next items)."""
+    dcg = sum(1.0 / math.log2(i + 2) for i, item in enumerate(ranked[:k]) if item in relevant)
+    ideal = sum(1.0 / math.log2(i + 2) for i in range(min(k, len(relevant))))
+    return dcg / ideal if ideal else 0.0
+
+
+def rank_of_targets(scores: Tensor, targets: Tensor, exclude: list[Tensor] | None = None) -> Tensor:
+    """scores [B, N], targets [B] -> ranks [B]; excluded items (never the target itself) do not count."""
+    target_scores = scores.gather(1, targets[:, None])  # [B, 1], taken before exclusion
+    if exclude is not None:
+        scores = scores.clone()
+        for row, items in enumerate(exclude):
+            scores[row, items] = -math.inf
+    return (scores > target_scores).sum(1)
+
+
+def summarize(ranks: Tensor, prefix: str = "") -> dict[str, float]:
+    return {f"{prefix}hr@10": hit_rate(ranks, 10), f"{prefix}ndcg@10": ndcg(ranks, 10),
+            f"{prefix}hr@50": hit_rate(ranks, 50), f"{prefix}ndcg@50": ndcg(ranks, 50)}
