@@ -1,1 +1,16 @@
-"""Policies that shrink a per-user attention state, their spec grammar, the state codec, offline benchmark."""
+"""Policies that shrink a per-user attention state, their spec grammar, the state codec, offline benchmark.
+
+    pipeline = parse_policy("h2o:budget=256,recent=64+kivi:bits=2", PolicyContext(model=...))
+    state = pipeline.compress(state, stats)            # after every extend
+    blob = encode_state(state, pipeline, fingerprint)  # len(blob) is bytes per user
+    state = decode_state(blob, pipeline, fingerprint)  # dense fp32 again
+"""
+
+from compression.base import PolicyContext
+from compression.codec import BlobError, CorruptBlobError, ForeignBlobError, decode_state, encode_state
+from compression.pipeline import Pipeline
+from compression.registry import all_policies
+from compression.spec import PolicyError, parse_policy
+
+__all__ = ["BlobError", "CorruptBlobError", "ForeignBlobError", "Pipeline", "PolicyContext", "PolicyError",
+           "decode_state", "encode_state", "all_policies", "parse_policy"]

@@ -38,6 +38,8 @@ def register(sub) -> None:
     p.add_argument("--max-minutes", type=float, default=None, help="stop after this much training time")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's choice; 1 is faster on a busy machine)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval-model", help="full-ranking HR/NDCG@10/50 on the leave-one-out test split",
@@ -70,7 +72,8 @@ def cmd_train(args) -> int:
     from models.recommender import ModelConfig
     from models.train import TrainConfig, train
 
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    if args.threads:
+        torch.set_num_threads(args.threads)
     dataset = load_dataset(args.dataset, min_len=args.min_len)
     print(f"dataset {dataset.name}: {dataset.stats()}", file=sys.stderr)
     model_cfg = ModelConfig(kind=args.model, dim=args.dim, layers=args.layers, heads=args.heads,

@@ -1,0 +1,154 @@
+"""One blob per user state: a fixed prefix, a small JSON header, then raw tensor bytes.
+
+    offset 0   magic b"KVRS"
+           4   format version   uint16 little-endian
+           6   reserved         uint16 (0)
+           8   header length    uint32, the JSON header padded with spaces to a multiple of 8
+          12   crc32            uint32 over header and payload
+          16   header           {"model", "policy", "events", "dims", "tokens", "tensors"}; each tensor is
+                                "name:dtype:shape" ("0.kq:u8:2x960x8"), in payload order
+           *   payload          tensors back to back, largest element size first, so every tensor is
+                                aligned to its element size and decoding is `torch.frombuffer` views
+
+The storage policy of the pipeline decides the K/V tensors ("{layer}.{part}"); the codec adds the token
+metadata: pos (int32), ts (int64), weight (fp32, omitted when all ones), extras "x.{name}" (fp32), each
+stored once when identical across layers ("pos") or per layer ("pos.0"), and the last hidden state "h".
+`len(blob)` is the number that reports call bytes per user. No pickle, no floats in text.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+import warnings
+import zlib
+
+import torch
+from torch import Tensor
+
+from compression.base import Dims
+from compression.pipeline import Pipeline
+from models.state import State
+
+MAGIC = b"KVRS"
+VERSION = 1
+PREFIX = struct.Struct("<4sHHII")  # magic, version, reserved, header length, crc32
+DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16, "f8": torch.float8_e4m3fn,
+          "u8": torch.uint8, "i8": torch.int8, "i16": torch.int16, "i32": torch.int32, "i64": torch.int64}
+CODES = {dtype: code for code, dtype in DTYPES.items()}
+
+
+class BlobError(ValueError):
+    """A blob that cannot be used as this model's state under this policy; the caller rebuilds it."""
+
+
+class CorruptBlobError(BlobError):
+    """Truncated, checksum mismatch or not a kvrec state blob at all."""
+
+
+class ForeignBlobError(BlobError):
+    """A valid blob made by another model, another policy spec or another format version."""
+
+
+def encode_state(state: State, pipeline: Pipeline, model_fingerprint: str) -> bytes:
+    """Serialize `state` as stored under `pipeline` (its storage stage decides the K/V encoding)."""
+    if not pipeline.keeps_state:
+        raise ValueError(f"policy {pipeline.spec!r} keeps no state to encode")
+    tensors = dict(pipeline.storage.pack(state))
+    for name, per_layer in metadata(state).items():
+        if all(torch.equal(per_layer[0], t) for t in per_layer[1:]):
+            tensors[name] = per_layer[0]
+        else:
+            tensors.update({f"{name}.{layer}": t for layer, t in enumerate(per_layer)})
+    if state.last_hidden is not None:
+        tensors["h"] = state.last_hidden.float()
+    order = sorted(tensors, key=lambda n: -tensors[n].element_size())  # stable: aligned payload
+    dims = [state.k[0].shape[0], state.k[0].shape[2], state.v[0].shape[2]] if state.num_layers else [0, 0, 0]
+    header = json.dumps({
+        "model": model_fingerprint, "policy": pipeline.spec, "events": state.events_consumed, "dims": dims,
+        "tokens": [state.tokens(layer) for layer in range(state.num_layers)],
+        "tensors": " ".join(f"{n}:{CODES[tensors[n].dtype]}:{'x'.join(map(str, tensors[n].shape))}" for n in order),
+    }, separators=(",", ":")).encode()
+    header += b" " * (-len(header) % 8)
+    body = [header] + [tensors[n].detach().contiguous().view(-1).view(torch.uint8).numpy().tobytes() for n in order]
+    crc = 0
+    for part in body:
+        crc = zlib.crc32(part, crc)
+    return b"".join([PREFIX.pack(MAGIC, VERSION, 0, len(header), crc)] + body)
+
+
+def metadata(state: State) -> dict[str, list[Tensor]]:
+    meta = {"pos": [p.int() for p in state.pos], "ts": state.ts}
+    if not all(bool((w == 1).all()) for w in state.weight):
+        meta["w"] = [w.float() for w in state.weight]
+    meta.update({f"x.{name}": [t.float() for t in per_layer] for name, per_layer in state.extras.items()})
+    return meta
+
+
+def read_header(blob: bytes) -> tuple[dict, int]:
+    """The header of a blob (checked for magic, version and checksum) and where its payload starts."""
+    if len(blob) < PREFIX.size:
+        raise CorruptBlobError(f"blob of {len(blob)} bytes is shorter than the {PREFIX.size}-byte prefix")
+    magic, version, _, header_len, crc = PREFIX.unpack_from(blob)
+    if magic != MAGIC:
+        raise CorruptBlobError(f"not a kvrec state blob (magic {bytes(magic)!r})")
+    if version != VERSION:
+        raise ForeignBlobError(f"blob format version {version}, this code reads version {VERSION}")
+    if PREFIX.size + header_len > len(blob):
+        raise CorruptBlobError(f"truncated blob: header of {header_len} bytes, blob of {len(blob)}")
+    if zlib.crc32(memoryview(blob)[PREFIX.size:]) != crc:
+        raise CorruptBlobError("blob checksum mismatch (truncated or corrupted)")
+    try:
+        return json.loads(bytes(memoryview(blob)[PREFIX.size:PREFIX.size + header_len])), PREFIX.size + header_len
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CorruptBlobError(f"unreadable blob header: {exc}") from exc
+
+
+def decode_state(blob: bytes, pipeline: Pipeline, model_fingerprint: str) -> State:
+    """Dense fp32 state from a blob; the tensors of fp32 parts are views of the blob's bytes (read-only)."""
+    header, payload = read_header(blob)
+    if header.get("model") != model_fingerprint:
+        raise ForeignBlobError(f"blob made by model {header.get('model')!r}, not {model_fingerprint!r}")
+    if header.get("policy") != pipeline.spec:
+        raise ForeignBlobError(f"blob made under policy {header.get('policy')!r}, not {pipeline.spec!r}")
+    try:
+        tensors = views(blob, payload, header["tensors"])
+        tokens = header["tokens"]
+        layers = len(tokens)
+        per_layer = lambda name: ([tensors[name]] * layers if name in tensors
+                                  else [tensors[f"{name}.{layer}"] for layer in range(layers)])
+        kv_parts = {n: t for n, t in tensors.items() if n[0].isdigit()}
+        k, v = pipeline.storage.unpack(kv_parts, tokens, Dims(*header["dims"]))
+        extras = sorted({n.split(".")[1] for n in tensors if n.startswith("x.")})
+        return State(
+            k=k, v=v, pos=[p.long() for p in per_layer("pos")], ts=per_layer("ts"),
+            weight=per_layer("w") if any(n == "w" or n.startswith("w.") for n in tensors)
+            else [torch.ones(t) for t in tokens],
+            last_hidden=tensors.get("h"), events_consumed=int(header["events"]),
+            extras={name: per_layer(f"x.{name}") for name in extras},
+        )
+    except (KeyError, ValueError, RuntimeError, TypeError, IndexError) as exc:
+        raise CorruptBlobError(f"blob does not match its header: {exc}") from exc
+
+
+def views(blob: bytes, offset: int, table: str) -> dict[str, Tensor]:
+    """Tensors described by the header's table ("name:dtype:shape ..."), as views of the blob from `offset`."""
+    out = {}
+    with warnings.catch_warnings():  # the blob is immutable bytes; the views are never written to
+        warnings.simplefilter("ignore", UserWarning)
+        for entry in table.split():
+            name, code, shape_text = entry.split(":")
+            shape = [int(s) for s in shape_text.split("x")] if shape_text else []
+            dtype = DTYPES[code]
+            nbytes = math.prod(shape) * dtype.itemsize
+            if offset + nbytes > len(blob):
+                raise ValueError(f"tensor {name} runs past the end of the blob")
+            raw = (torch.frombuffer(blob, dtype=torch.uint8, count=nbytes, offset=offset) if nbytes
+                   else torch.zeros(0, dtype=torch.uint8))
+            out[name] = raw.view(dtype).view(shape)
+            offset += nbytes
+    if offset != len(blob):
+        raise ValueError(f"{len(blob) - offset} bytes after the last tensor")
+    return out
+

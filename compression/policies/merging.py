@@ -1,0 +1,100 @@
+"""Token level, merging: evicted tokens are folded into kept ones instead of being dropped.
+
+A merged token stands for `weight` events: its K and V are the weight-averaged K and V of what it absorbed
+and the model multiplies its attention by the weight (HSTU) or adds log(weight) to its logit (SASRec), so
+a merged token enters each output as the sum of its members would if their keys were equal. Extras are
+summed (accumulated attention is additive).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from compression.registry import register
+from compression.selection import TokenPolicy, recent_plus_top
+from models.state import AttentionStats, State
+
+
+def fold(state: State, layer: int, group: Tensor, groups: int) -> None:
+    """Replace the tokens of `layer` by `groups` weighted means; token i goes to group[i] ([T] int64).
+
+    K, V are weight-averaged, weights and extras summed; pos and ts are left for the caller to set.
+    """
+    w = state.weight[layer]  # [T]
+    total = torch.zeros(groups).index_add_(0, group, w)  # [G]
+    mean = lambda x: torch.zeros(x.shape[0], groups, x.shape[2]).index_add_(1, group, x * w[None, :, None]) / (
+        total[None, :, None])  # [H, T, d] -> [H, G, d]
+    state.k[layer] = mean(state.k[layer])
+    state.v[layer] = mean(state.v[layer])
+    state.weight[layer] = total
+    for per_layer in state.extras.values():
+        x = per_layer[layer]  # [..., T]
+        per_layer[layer] = torch.zeros(*x.shape[:-1], groups).index_add_(x.dim() - 1, group, x)
+
+
+@register
+@dataclass
+class Merge(TokenPolicy):
+    """CaM (Zhang et al., ICML 2024, "CaM: Cache Merging for Memory-efficient LLMs Inference") and D2O
+    (Wan et al., 2024, "D2O: Dynamic Discriminative Operations for Efficient Generative Inference"):
+    choose survivors as H2O does (`recent` newest plus the highest accumulated attention), then merge
+    every evicted token into the survivor whose key is most similar (cosine over the concatenated heads)
+    instead of dropping it. The total weight, the number of events the state stands for, is preserved."""
+
+    name = "merge"
+    uses_acc = True
+    budget: int | None = None
+    bytes: int | None = None
+    recent: int = 64
+
+    def reduce_layer(self, state: State, stats: AttentionStats | None, layer: int, budget: int) -> None:
+        t = state.tokens(layer)
+        kept = recent_plus_top(state.extras["acc"][layer].sum(0), budget, self.recent)  # [B] ascending
+        keys = F.normalize(state.k[layer].transpose(0, 1).reshape(t, -1), dim=-1)  # [T, H*d_k]
+        nearest = (keys @ keys[kept].T).argmax(1)  # [T] index into kept
+        nearest[kept] = torch.arange(len(kept))  # a survivor stays its own group
+        pos, ts = state.pos[layer][kept], state.ts[layer][kept]
+        fold(state, layer, nearest, len(kept))
+        state.pos[layer], state.ts[layer] = pos, ts
+
+
+@register
+@dataclass
+class Pool(TokenPolicy):
+    """A training-free activation beacon (after Zhang et al., 2024, "Long Context Compression with
+    Activation Beacon"): the last `window` tokens stay exact and older history is averaged into one
+    summary token per `chunk` positions (chunk = pos // chunk, so a summary absorbs late members of its
+    chunk and is otherwise stable across requests). When the summaries still exceed the budget, the
+    oldest chunks are folded into a single token. Summary pos and ts are weight-averaged."""
+
+    name = "pool"
+    budget: int | None = None
+    bytes: int | None = None
+    window: int = 32
+    chunk: int = 16
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.check(self.chunk >= 1 and self.window >= 0, "chunk must be >= 1 and window >= 0")
+
+    def reduce_layer(self, state: State, stats: AttentionStats | None, layer: int, budget: int) -> None:
+        t = state.tokens(layer)
+        window = min(self.window, budget - 1)  # leave at least one slot for the summaries
+        older = t - window
+        chunk_id = state.pos[layer][:older] // self.chunk  # [older], ascending
+        ids, group = torch.unique_consecutive(chunk_id, return_inverse=True)
+        excess = len(ids) - (budget - window)
+        if excess > 0:  # fold the oldest excess + 1 chunks into one
+            group = (group - excess).clamp(min=0)
+        groups_old = int(group[-1]) + 1 if older else 0
+        group = torch.cat([group, groups_old + torch.arange(window)])
+        w = state.weight[layer].double()
+        total = torch.zeros(groups_old + window, dtype=torch.double).index_add_(0, group, w)
+        wmean = lambda x: (torch.zeros_like(total).index_add_(0, group, x.double() * w) / total).round().long()
+        pos, ts = wmean(state.pos[layer]), wmean(state.ts[layer])
+        fold(state, layer, group, groups_old + window)
+        state.pos[layer], state.ts[layer] = pos, ts

@@ -1,0 +1,51 @@
+"""How many tokens fit in a byte budget: an upper bound of the blob size as a function of tokens kept.
+
+The bound is the codec's layout with nothing shared or omitted: a fixed reserve for the prefix and the
+JSON header (the codec keeps both under `HEADER_RESERVE`), the last hidden state, and per token and layer
+the storage's K/V bytes plus position (int32), timestamp (int64), multiplicity (fp32) and every fp32
+extra a policy carries. The codec only ever writes less (it shares metadata that is identical across
+layers and drops multiplicities that are all one), so a budget met here is met by the blob.
+"""
+
+from __future__ import annotations
+
+import math
+
+from compression.base import Dims, Storage
+from models.state import State
+
+HEADER_RESERVE = 1024
+META_BYTES_PER_TOKEN = 4 + 8 + 4  # pos int32, ts int64, weight fp32
+
+
+def dims_of(state: State) -> Dims:
+    return Dims(heads=state.k[0].shape[0], d_k=state.k[0].shape[2], d_v=state.v[0].shape[2])
+
+
+def extra_floats_per_token(state: State) -> int:
+    """fp32 values per token and layer that the extras add (e.g. H for accumulated attention [H, T])."""
+    return sum(math.prod(per_layer[0].shape[:-1]) for per_layer in state.extras.values())
+
+
+def blob_bound(storage: Storage, state: State, tokens: int) -> int:
+    """Upper bound of the blob size when every layer keeps min(T_l, tokens) tokens."""
+    dims = dims_of(state)
+    per_token_meta = META_BYTES_PER_TOKEN + 4 * extra_floats_per_token(state)
+    hidden = 0 if state.last_hidden is None else 4 * state.last_hidden.numel()
+    total = HEADER_RESERVE + hidden
+    for layer in range(state.num_layers):
+        t = min(state.tokens(layer), tokens)
+        total += storage.kv_bytes(t, dims) + t * per_token_meta
+    return total
+
+
+def tokens_for_bytes(storage: Storage, state: State, nbytes: int) -> int:
+    """Largest per-layer token count whose blob bound fits in `nbytes` (at least 1: never empty a state)."""
+    lo, hi = 1, max(state.tokens(layer) for layer in range(state.num_layers))
+    while lo < hi:  # the answer stays in [lo, hi]; blob_bound is monotone in tokens
+        mid = (lo + hi + 1) // 2
+        if blob_bound(storage, state, mid) <= nbytes:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo

@@ -1,0 +1,134 @@
+"""One matrix over every registered policy, both models: the checks every policy must pass."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from compression import PolicyContext, all_policies, decode_state, encode_state, parse_policy
+from models.recommender import ModelConfig
+from models.registry import build_model
+from models.state import Events
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors: one intra-op thread, so that a busy 2-core machine does not spin idle workers."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+BUDGET = 24
+# every registered policy at a budget below the 60-event history (storage policies need no budget)
+SPECS = {
+    "full": "full", "recompute": "recompute", "fp16": "fp16", "bf16": "bf16", "fp8": "fp8", "int8": "int8",
+    "int4": "int4:group=4", "kivi": "kivi:bits=2,residual=8,group=8", "intact": "intact:sink=2,pivots=4,bits=4",
+    "svd": "svd:rank=6", "think": "think:keep=0.5", "minicache": "minicache:threshold=0.5",
+    "window": f"window:budget={BUDGET}", "streaming": f"streaming:sink=4,window={BUDGET - 4}",
+    "h2o": f"h2o:budget={BUDGET},recent=8", "snapkv": f"snapkv:budget={BUDGET},window=8,kernel=3",
+    "knorm": f"knorm:budget={BUDGET}", "random": f"random:budget={BUDGET}",
+    "merge": f"merge:budget={BUDGET},recent=8", "pool": f"pool:budget={BUDGET},window=8,chunk=4",
+}
+LOSSLESS = {"full", "window", "streaming", "h2o", "snapkv", "knorm", "random", "merge", "pool"}  # token policies
+FP = "tiny-model"
+
+
+def test_matrix_covers_every_policy():
+    assert set(SPECS) == set(all_policies())
+
+
+def tiny(kind: str):
+    torch.manual_seed(0)
+    return build_model(ModelConfig(kind=kind, num_items=50, dim=16, heads=2, d_k=8, d_v=8, dropout=0.0,
+                                   obs_window=8)).eval()
+
+
+@pytest.fixture(scope="module", params=["hstu", "sasrec"])
+def model(request):
+    return tiny(request.param)
+
+
+@pytest.fixture(scope="module")
+def hstu():
+    return tiny("hstu")  # byte accounting does not depend on the model
+
+
+def events(n: int, seed: int) -> Events:
+    g = torch.Generator().manual_seed(seed)
+    return Events.of(torch.randint(0, 50, (n,), generator=g), ts=torch.arange(n) * 60 + seed * 100_000)
+
+
+@pytest.fixture(scope="module")
+def context(model):
+    return PolicyContext(model=model, calibration=[events(40, seed) for seed in range(2)])
+
+
+def finite(state) -> bool:
+    return all(torch.isfinite(t).all() for t in state.k + state.v + state.weight)
+
+
+@pytest.mark.parametrize("name", [n for n in SPECS if n != "recompute"])
+def test_policy_contract(name, model, context):
+    pipeline = parse_policy(SPECS[name], context)
+    assert parse_policy(pipeline.spec, context) == pipeline
+    state, _, stats = model.prefill(events(60, 1))
+    state = pipeline.compress(state, stats)
+    if pipeline.token is not None:  # budget held
+        assert all(state.tokens(layer) <= BUDGET for layer in range(state.num_layers))
+    blob = encode_state(state, pipeline, FP)
+    decoded = decode_state(blob, pipeline, FP)
+    assert finite(state) and finite(decoded)
+    assert [t.tolist() for t in decoded.pos] == [t.tolist() for t in state.pos]
+    for a, b in zip(state.k + state.v, decoded.k + decoded.v):
+        if name in LOSSLESS:
+            assert torch.equal(a, b)
+        else:
+            assert (a - b).norm() < a.norm()  # lossy, but closer than nothing
+    # re-encoding what was decoded is a fixed point
+    again = decode_state(encode_state(decoded, pipeline, FP), pipeline, FP)
+    for a, b in zip(decoded.k + decoded.v, again.k + again.v):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-3)
+    # the model still extends the decoded state, and the pipeline keeps its budget request after request
+    for request in range(3):
+        state, hidden, stats = model.extend(decoded, events(7, 10 + request))
+        assert torch.isfinite(hidden).all()
+        state = pipeline.compress(state, stats)
+        decoded = decode_state(encode_state(state, pipeline, FP), pipeline, FP)
+        assert finite(decoded) and decoded.events_consumed == 60 + 7 * (request + 1)
+        if pipeline.token is not None:
+            assert all(decoded.tokens(layer) <= BUDGET for layer in range(decoded.num_layers))
+
+
+@pytest.mark.parametrize("name", sorted(LOSSLESS - {"full"}))
+def test_token_policy_leaves_short_history_whole(name, model):
+    pipeline = parse_policy(SPECS[name])
+    state, _, stats = model.prefill(events(BUDGET - 3, 2))
+    out = pipeline.compress(state, stats)
+    for field in ("k", "v", "pos", "ts", "weight"):
+        assert all(torch.equal(a, b) for a, b in zip(getattr(state, field), getattr(out, field))), field
+
+
+@pytest.mark.parametrize("name", ["window", "h2o", "snapkv", "knorm", "random", "merge", "pool"])
+@pytest.mark.parametrize("storage", ["", "+int8", "+kivi:bits=2,residual=8,group=8"])
+def test_byte_budget_is_never_exceeded(name, storage, hstu):
+    model = hstu
+    limit = 4000
+    pipeline = parse_policy(f"{name}:bytes={limit}{storage}")
+    state, _, stats = model.prefill(events(120, 3))
+    for request in range(3):
+        state = pipeline.compress(state, stats)
+        blob = encode_state(state, pipeline, FP)
+        assert len(blob) <= limit
+        assert min(state.tokens(layer) for layer in range(state.num_layers)) >= 1
+        state, _, stats = model.extend(decode_state(blob, pipeline, FP), events(5, 20 + request))
+
+
+def test_empty_state_round_trips(model, context):
+    for name in SPECS:
+        if name == "recompute":
+            continue
+        pipeline = parse_policy(SPECS[name], context)
+        state = pipeline.compress(model.empty_state(), None)
+        decoded = decode_state(encode_state(state, pipeline, FP), pipeline, FP)
+        assert decoded.tokens_kept() == 0 and decoded.last_hidden is None
