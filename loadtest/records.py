@@ -1,0 +1,106 @@
+"""Per-request records of a replay, one JSON object a line.
+
+Locust's own statistics give latency percentiles per endpoint; the sweep needs more per request: which
+user and request of the replay it was (to compare one policy's answer with `full`'s for the same
+request), what the service said about the state (bytes, source) and how good the answer was against
+the user's true next events. The replay's request hook turns each response into one record here.
+
+A record (keys; absent values are null):
+  t            unix seconds when the request started
+  user_id      dataset user id;  request: index of the request within that user's replay
+  events       events the request sent;  targets: distinct items of the next request's events
+  latency_ms   client-side, as Locust measured it;  server_ms: the response's timing_ms.total
+  status       HTTP status (0: no response);  ok: 2xx;  error: the failure, when there is one
+  policy, source, state_bytes, tokens_kept, events_seen: from the response
+  top10        the answer's first 10 item ids, best first
+  hit@10, ndcg@10   top10 against the targets (null when there are none: a stream's last request)
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from models.metrics import ndcg_of_list
+
+K = 10
+
+
+def ranking_metrics(top: list[str], targets: list[str], k: int = K) -> tuple[float, float]:
+    """(hit@k, ndcg@k) of a ranked list against the true next items, with binary relevance.
+
+    With one event per request this is the usual next-item HR and NDCG; with several, NDCG is
+    normalised by the ideal ranking of min(k, targets) relevant items (`models.metrics.ndcg_of_list`,
+    the definition the offline metrics use).
+    """
+    relevant = set(targets)
+    hit = float(any(item in relevant for item in top[:k]))
+    return hit, ndcg_of_list(top, relevant, k)
+
+
+def record_of(context: dict, response, latency_ms: float, start_time: float, exception) -> dict:
+    """The record of one `POST /recommend` from Locust's request event arguments."""
+    status = int(getattr(response, "status_code", 0) or 0)
+    rec = {
+        "t": start_time,
+        "user_id": context["user_id"],
+        "request": context["request"],
+        "events": context["events"],
+        "targets": len(context["targets"]),
+        "latency_ms": latency_ms,
+        "status": status,
+        "ok": exception is None and 200 <= status < 300,
+        "error": None if exception is None else str(exception)[:300],
+        "policy": None, "source": None, "state_bytes": None, "tokens_kept": None, "events_seen": None,
+        "server_ms": None, "top10": None, "hit@10": None, "ndcg@10": None,
+    }
+    if not rec["ok"]:
+        return rec
+    try:
+        body = response.json()
+        state = body.get("state") or {}
+        top = [str(item["item_id"]) for item in body["items"][:K]]
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        rec.update(ok=False, error=f"unreadable response body: {exc}")
+        return rec
+    rec.update(policy=body.get("policy"), source=state.get("source"), state_bytes=state.get("bytes"),
+               tokens_kept=state.get("tokens_kept"), events_seen=state.get("events_seen"),
+               server_ms=(body.get("timing_ms") or {}).get("total"), top10=top)
+    if context["targets"]:
+        rec["hit@10"], rec["ndcg@10"] = ranking_metrics(top, context["targets"])
+    return rec
+
+
+def worker_path(path: str | Path, index: int) -> Path:
+    """Where Locust worker `index` writes in a distributed run: `recs.jsonl` -> `recs.worker3.jsonl`."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}.worker{index}{path.suffix}")
+
+
+class RecordWriter:
+    """Appends records to a file as JSON lines, one write per record, flushed as it goes (a run
+    that is killed keeps everything written so far)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = open(self.path, "a", encoding="utf-8", buffering=1)
+        self.count = 0
+
+    def write(self, record: dict) -> None:
+        self._file.write(json.dumps(record, separators=(",", ":")) + "\n")
+        self.count += 1
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def read_records(path: str | Path) -> list[dict]:
+    """All records of a run: `path` itself and the files its distributed workers wrote beside it."""
+    path = Path(path)
+    files = ([path] if path.exists() else []) + sorted(path.parent.glob(f"{path.stem}.worker*{path.suffix}"))
+    out = []
+    for f in files:
+        with open(f, encoding="utf-8") as fh:
+            out.extend(json.loads(line) for line in fh if line.strip())
+    return out
