@@ -1,0 +1,155 @@
+"""`kvrec bench serve`: what one request costs, stage by stage, per history length and policy.
+
+It drives the service's own `RankingPipeline` in process against a real Redis (the one at `--redis-url`
+or `REDIS_URL`, else an embedded redis-server), so every stage the service runs is timed (append, load,
+decode, extend, compress, encode, store, score) without HTTP in the way. Each cell warms a few users to
+the history length with `PUT /users/{id}/history`'s code path, then times requests that each add one new
+event and ask for a top-10 over the whole catalogue, the steady state of a live service. The table shows
+the speed-up over `recompute` at the same length, the codec's (decode + encode) share of service time,
+and the stored blob against the raw fp32 K/V of the whole history.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import sys
+import time
+import uuid
+
+import torch
+
+from models.checkpoint import Checkpoint, CheckpointError, load_checkpoint, model_fingerprint
+from models.recommender import ModelConfig
+from models.registry import build_model
+from server.app import connect_redis
+from server.embedded_redis import EmbeddedRedis, EmbeddedRedisError
+from server.engine import Engine
+from server.metrics import STAGES
+from server.pipeline import RankingPipeline
+from server.schemas import Event, RecommendRequest
+from server.settings import Settings
+from server.store import UserStore
+
+USERS_PER_CELL = 3
+UNTRAINED_ITEMS = 10_000
+
+
+def main(args: argparse.Namespace) -> int:
+    from compression.spec import PolicyError, parse_policy
+
+    try:
+        lengths = [int(x) for x in args.lengths.split(",") if x.strip()]
+        policies = [p.strip() for p in args.policies.split(";") if p.strip()]
+        checkpoint = load_checkpoint(args.model) if args.model else untrained_checkpoint()
+        for spec in policies:
+            parse_policy(spec)
+    except (ValueError, CheckpointError, PolicyError) as exc:
+        print(f"kvrec bench serve: {exc}", file=sys.stderr)
+        return 2
+    if not args.model:
+        print(f"kvrec bench serve: no --model, timing an untrained model of the default size "
+              f"({UNTRAINED_ITEMS} items; cost does not depend on training)", file=sys.stderr)
+    torch.set_num_threads(args.threads)
+
+    embedded = None
+    redis_url = args.redis_url or os.environ.get("REDIS_URL")
+    try:
+        if redis_url is None:
+            embedded = EmbeddedRedis().start()
+            redis_url = embedded.url
+        rows = asyncio.run(run(checkpoint, lengths, policies, redis_url, args.requests, args.seconds))
+    except EmbeddedRedisError as exc:
+        print(f"kvrec bench serve: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        if embedded is not None:
+            embedded.stop()
+    cfg = checkpoint.config
+    print(f"model {cfg.kind}: {cfg.layers} layers x {cfg.heads} heads x (d_k {cfg.d_k} + d_v {cfg.d_v}), "
+          f"{cfg.num_items} items; torch threads {torch.get_num_threads()}; Redis {redis_url}")
+    print(format_table(rows))
+    if args.json_out:
+        with open(args.json_out, "w") as f:
+            json.dump({"model": cfg.to_dict(), "redis_url": redis_url, "rows": rows}, f, indent=2)
+    return 0
+
+
+def untrained_checkpoint() -> Checkpoint:
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(num_items=UNTRAINED_ITEMS, dropout=0.0)).eval()
+    return Checkpoint(model, [str(i) for i in range(UNTRAINED_ITEMS)], "untrained", model_fingerprint(model))
+
+
+async def run(checkpoint: Checkpoint, lengths: list[int], policies: list[str], redis_url: str,
+              requests: int, seconds: float) -> list[dict]:
+    prefix = f"kvrec-bench-{uuid.uuid4().hex[:8]}"
+    settings = Settings(redis_url=redis_url, key_prefix=prefix, max_log_events=max(lengths) + requests + 10,
+                        max_history_events=max(lengths), state_ttl_s=3600)
+    client = connect_redis(settings)
+    rows = []
+    try:
+        for length in lengths:
+            for spec in policies:
+                engine = Engine(checkpoint, spec, settings.prefill_chunk)
+                store = UserStore(client, prefix, settings.max_log_events, settings.state_ttl_s, None)
+                pipeline = RankingPipeline(store, engine, settings)
+                rows.append(await time_cell(pipeline, length, requests, seconds))
+                print(f"  {length:>6} {engine.spec:<34} {rows[-1]['ms']['total']:9.2f} ms", file=sys.stderr)
+    finally:
+        keys = [k async for k in client.scan_iter(match=f"{prefix}:*", count=1000)]
+        if keys:
+            await client.delete(*keys)
+        await client.aclose()
+    for row in rows:
+        base = next((r for r in rows if r["length"] == row["length"] and r["policy"] == "recompute"), None)
+        row["speedup_vs_recompute"] = base["ms"]["total"] / row["ms"]["total"] if base else None
+    return rows
+
+
+async def time_cell(pipeline: RankingPipeline, length: int, requests: int, seconds: float) -> dict:
+    rng = random.Random(length)
+    items = pipeline.engine.item_ids
+    users = [f"bench-{length}-{u}" for u in range(USERS_PER_CELL)]
+    for user in users:
+        history = [Event(item_id=rng.choice(items), ts=1_600_000_000 + 60 * t, action=rng.randrange(6))
+                   for t in range(length)]
+        await pipeline.put_history(user, history)
+
+    timings: list[dict[str, float]] = []
+    last = None
+    deadline = time.monotonic() + seconds
+    for i in range(requests + 1):  # the first request warms caches and is not counted
+        event = Event(item_id=rng.choice(items), ts=1_600_000_000 + 60 * (length + i), action=1)
+        last = await pipeline.recommend(RecommendRequest(user_id=users[i % len(users)], events=[event], k=10))
+        if i:
+            timings.append(last.timing_ms)
+        if i >= 3 and time.monotonic() > deadline:
+            break
+    ms = {stage: sum(t.get(stage, 0.0) for t in timings) / len(timings) for stage in (*STAGES, "total")}
+    raw = last.computed.events_seen * pipeline.engine.raw_bytes_per_event
+    return {
+        "length": length, "policy": pipeline.engine.spec, "requests": len(timings), "ms": ms,
+        "requests_per_s": 1e3 / ms["total"],
+        "codec_share": (ms["decode"] + ms["encode"]) / ms["total"],
+        "blob_bytes": last.state_bytes, "raw_bytes": raw, "tokens_kept": last.computed.tokens_kept,
+    }
+
+
+def format_table(rows: list[dict]) -> str:
+    head = (f"{'length':>6} {'policy':<34} {'total':>8} " + " ".join(f"{s:>8}" for s in STAGES)
+            + f" {'req/s':>7} {'vs recomp':>9} {'codec':>6} {'blob KiB':>9} {'raw KiB':>8} {'x smaller':>9}")
+    lines = ["ms per request by stage (mean); vs recomp = speed-up over `recompute` at the same length; "
+             "codec = (decode + encode) / total", head, "-" * len(head)]
+    for r in rows:
+        ms = r["ms"]
+        speedup = f"{r['speedup_vs_recompute']:.1f}x" if r["speedup_vs_recompute"] else "-"
+        smaller = f"{r['raw_bytes'] / r['blob_bytes']:.1f}x" if r["blob_bytes"] else "-"
+        lines.append(
+            f"{r['length']:>6} {r['policy']:<34} {ms['total']:>8.2f} " + " ".join(f"{ms[s]:>8.2f}" for s in STAGES)
+            + f" {r['requests_per_s']:>7.1f} {speedup:>9} {r['codec_share']:>6.1%} {r['blob_bytes'] / 1024:>9.1f}"
+            f" {r['raw_bytes'] / 1024:>8.1f} {smaller:>9}")
+    return "\n".join(lines)
