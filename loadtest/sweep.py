@@ -17,7 +17,6 @@ import json
 import os
 import platform
 import re
-import shutil
 import signal
 import socket
 import subprocess
@@ -112,17 +111,15 @@ class Redis:
     removed afterwards), or the one at `url`, where the sweep only ever touches its own key prefixes."""
 
     def __init__(self, url: str | None, workdir: Path):
-        self.proc: subprocess.Popen | None = None
+        from server.embedded_redis import EmbeddedRedis, EmbeddedRedisError
+
+        self.embedded: EmbeddedRedis | None = None
         if url is None:
-            exe = shutil.which("redis-server")
-            if exe is None:
-                raise SweepError("no redis-server on the PATH; install Redis or pass --redis-url")
-            sock = workdir / "redis.sock"
-            self.proc = subprocess.Popen(
-                [exe, "--port", "0", "--unixsocket", str(sock), "--unixsocketperm", "700", "--save", "",
-                 "--appendonly", "no", "--dir", str(workdir)],
-                stdout=open(workdir / "redis.log", "w"), stderr=subprocess.STDOUT)
-            url = f"unix://{sock}"
+            try:
+                self.embedded = EmbeddedRedis(unix_socket=str(workdir / "redis.sock")).start()
+            except EmbeddedRedisError as exc:
+                raise SweepError(str(exc)) from exc
+            url = self.embedded.url
         import redis
 
         self.url = url
@@ -133,14 +130,14 @@ class Redis:
                 self.client.ping()
                 break
             except redis.ConnectionError as exc:
-                if time.monotonic() > deadline or (self.proc and self.proc.poll() is not None):
+                if time.monotonic() > deadline:
                     self.close()
                     raise SweepError(f"Redis at {url} does not answer: {exc}") from exc
                 time.sleep(0.05)
 
     @property
     def private(self) -> bool:
-        return self.proc is not None
+        return self.embedded is not None
 
     def used_memory(self) -> int:
         return int(self.client.info("memory")["used_memory"])
@@ -164,9 +161,8 @@ class Redis:
 
     def close(self) -> None:
         self.client.close()
-        if self.proc is not None:
-            self.proc.terminate()
-            self.proc.wait(timeout=10)
+        if self.embedded is not None:
+            self.embedded.stop()
 
 
 # ---------------------------------------------------------------------------------------------- server

