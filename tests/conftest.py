@@ -17,6 +17,9 @@ from models.checkpoint import save_checkpoint
 from models.recommender import ModelConfig
 from models.registry import build_model
 
+# Tests use tiny tensors: one intra-op thread, so that a busy 2-core machine does not spin idle workers.
+torch.set_num_threads(1)
+
 SHARED_REDIS_URL = "redis://127.0.0.1:6379/0"
 TINY_ITEMS = 50
 

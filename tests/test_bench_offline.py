@@ -14,15 +14,6 @@ from models.recommender import ModelConfig
 from models.registry import build_model
 from server.cli import main
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one intra-op thread, so that a busy 2-core machine does not spin idle workers."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 DATASET = "synth-short:users=12,mean_len=60"
 SPECS = ["full", "recompute", "window:budget=16", "h2o:budget=16,recent=4+int8", "kivi:bits=2,residual=8,group=8",
          "svd:rank=4"]

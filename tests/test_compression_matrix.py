@@ -10,15 +10,6 @@ from models.recommender import ModelConfig
 from models.registry import build_model
 from models.state import Events
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one intra-op thread, so that a busy 2-core machine does not spin idle workers."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 BUDGET = 24
 # every registered policy at a budget below the 60-event history (storage policies need no budget)
 SPECS = {

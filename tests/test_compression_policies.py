@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 from compression import PolicyContext, decode_state, encode_state, parse_policy
@@ -10,16 +9,6 @@ from compression.policies.lowrank import fit_svd_bases
 from models.recommender import ModelConfig
 from models.registry import build_model
 from models.state import AttentionStats, Events, State
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one intra-op thread, so that a busy 2-core machine does not spin idle workers."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 H, D = 2, 8
 FP = "fp"
