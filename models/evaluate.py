@@ -40,6 +40,11 @@ def last_hidden(model: SequentialRecommender, seqs: list, history: int | None = 
     start = 0
     while start < len(order):
         width = max(lengths[order[start]], 1)
+        if width * width > PAIR_BUDGET:  # one history too long for a padded pass: chunked prefill, same result
+            seq = seqs[order[start]]
+            out[order[start]] = model.prefill(seq[len(seq) - lengths[order[start]]:])[1]
+            start += 1
+            continue
         stop = start + 1
         while stop < len(order):  # grow the batch while B x L x L fits the budget
             w = max(lengths[order[stop]], 1)

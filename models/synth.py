@@ -13,7 +13,8 @@ decides whether forgetting old events costs accuracy. The process, per user:
   re-consuming an item of the same session. It never draws an item last seen more than `window` events
   ago: everything it does is predictable from the recent events alone.
 - With probability `long_range` a session is instead a *recall*: the user replays, in order, the
-  distinct items of one of their own ordinary sessions that ended at least `recall_gap` events ago,
+  distinct items of one of their own ordinary sessions that ended `recall_gap` to `recall_horizon`
+  (100 to 200) events ago,
   skipping those seen in the last `window` events. Which items follow is then known only from the far
   history: a model finds the earlier occurrence of the current item and copies what came after it (an
   induction pattern that attention with relative positions learns), while a model or a compressed
@@ -22,7 +23,7 @@ decides whether forgetting old events costs accuracy. The process, per user:
 So `long_range` in [0, 1] is the share of sessions whose content lives only in the far history
 (recalls need an old enough session, so the first ~100 events of a user are always ordinary):
 `long_range=0` gives data where the last 50 events suffice, `long_range=0.8` data where a policy that
-drops old events must lose accuracy. `long_range_share` measures this without a model (about 0.35 at
+drops old events must lose accuracy. `long_range_share` measures this without a model (about 0.25 at
 0.9 and exactly 0 at 0 for mean length 300). One faint far-history cue remains at `long_range=0`: the
 items an ordinary session may not draw (seen, but not recently) are known only from the full history.
 
@@ -71,6 +72,7 @@ def generate(
     min_len: int = 5,
     window: int = 50,
     recall_gap: int = 100,
+    recall_horizon: int = 200,
     max_events: int = 5_000_000,
     name: str = "synth",
 ) -> Dataset:
@@ -79,6 +81,8 @@ def generate(
     window:     recency horizon: ordinary sessions only use items seen within the last `window` events
                 (or new ones), and sessions are at most window // 2 long
     recall_gap: a recalled session ended at least this many events before the recall starts
+    recall_horizon: ... and at most this many: far beyond the recency window, yet within the training
+                window of a model (200-300 events), so that the copy from the far past is learnable
     repeat:     chance that an ordinary event re-consumes an item of its own session
     drift:      chance, per ordinary session, that one interest cluster is replaced by a new one
     """
@@ -93,7 +97,8 @@ def generate(
     rank_cdf = np.cumsum(_zipf(cluster_size, zipf)).tolist()  # [S] within-cluster Zipf by rank
     p = dict(
         long_range=long_range, interests=min(interests, n_clusters), session_len=session_len,
-        repeat=repeat, drift=drift, window=window, recall_gap=recall_gap, cluster_size=cluster_size,
+        repeat=repeat, drift=drift, window=window, recall_gap=recall_gap, recall_horizon=recall_horizon,
+        cluster_size=cluster_size,
     )
     seq_items, seq_ts = [], []
     for u, n in enumerate(lengths.tolist()):
@@ -121,7 +126,7 @@ def _zipf(n: int, a: float) -> np.ndarray:
 
 def _user_items(
     rng, n, cluster_pop, rank_cdf, *, long_range, interests, session_len, repeat, drift, window,
-    recall_gap, cluster_size,
+    recall_gap, recall_horizon, cluster_size,
 ) -> tuple[np.ndarray, list[int]]:
     """[n] item ids of one user's history and the start position of each session."""
     n_clusters = len(cluster_pop)
@@ -139,7 +144,7 @@ def _user_items(
         r_recall, r_cluster, r_drift, *picks = u_sess[len(starts)]
         session = None
         if r_recall < long_range:
-            session = _recall(out, sources, last_seen, t, picks, window, recall_gap)
+            session = _recall(out, sources, last_seen, t, picks, window, recall_gap, recall_horizon)
         if session is None:
             if r_drift < drift:
                 interest[int(rng.integers(interests))] = int(rng.choice(n_clusters, p=cluster_pop))
@@ -170,15 +175,16 @@ def _user_items(
     return np.array(out, dtype=np.int64), starts
 
 
-def _recall(out, sources, last_seen, t, picks, window, recall_gap) -> list[int] | None:
-    """The distinct items of an ordinary session that ended >= `recall_gap` events before `t`, in their
-    order, less those seen in the last `window` events (what is replayed is far-history only); None when
-    no pick leaves any.
+def _recall(out, sources, last_seen, t, picks, window, recall_gap, recall_horizon) -> list[int] | None:
+    """The distinct items of an ordinary session that ended between `recall_gap` and `recall_horizon`
+    events before `t`, in their order, less those seen in the last `window` events (what is replayed is
+    far-history only); None when no pick leaves any.
     """
     src_starts, src_ends = sources
-    old = bisect.bisect_right(src_ends, t - recall_gap)  # ends increase: sessions do not overlap
-    for r in picks if old else ():
-        k = int(r * old)
+    first = bisect.bisect_left(src_ends, t - recall_horizon)  # ends increase: sessions do not overlap
+    old = bisect.bisect_right(src_ends, t - recall_gap)
+    for r in picks if old > first else ():
+        k = first + int(r * (old - first))
         far = [i for i in out[src_starts[k] : src_ends[k]] if t - last_seen[i] > window]
         session = list(dict.fromkeys(far))  # first occurrences, in order
         if session:

@@ -35,7 +35,7 @@ def test_long_range_knob_moves_the_far_history_share():
     far = synth.long_range_share(synth.generate(**SMALL, long_range=0.9))
     mid = synth.long_range_share(synth.generate(**SMALL, long_range=0.5))
     near = synth.long_range_share(synth.generate(**SMALL, long_range=0.0))
-    assert far > 0.3 and near < 0.05 and near < mid < far
+    assert far > 0.2 and near < 0.05 and near < mid < far
 
 
 def test_recalled_items_were_first_seen_beyond_100_events():

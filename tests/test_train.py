@@ -114,3 +114,16 @@ def test_cli_train_then_eval(tmp_path, capsys):
     for key in ("hr@10", "ndcg@10", "hr@50", "ndcg@50", "popularity_ndcg@10"):
         assert 0.0 <= result[key] <= 1.0
     assert result["users"] == 20 and "popularity" in capsys.readouterr().out
+
+
+def test_last_hidden_is_the_same_batched_or_prefilled(monkeypatch):
+    """Evaluation batches short histories and prefills long ones in chunks: both give each user's hidden."""
+    from models import evaluate as ev
+    from models.state import Events
+
+    model = build_model(ModelConfig(**{**TINY.to_dict(), "num_items": 30})).eval()
+    seqs = [Events.of(torch.randint(0, 30, (n,)), torch.arange(n) * 100) for n in (3, 40, 12, 25)]
+    batched = ev.last_hidden(model, seqs, history=30)
+    monkeypatch.setattr(ev, "PAIR_BUDGET", 100)  # every history over 10 events now goes through prefill
+    torch.testing.assert_close(ev.last_hidden(model, seqs, history=30), batched, atol=1e-5, rtol=0)
+    torch.testing.assert_close(batched[1], model.prefill(seqs[1][10:])[1], atol=1e-5, rtol=0)
