@@ -187,8 +187,18 @@ class SequentialRecommender(nn.Module):
     # ----------------------------------------------------------------------------- ranking
 
     def item_vectors(self) -> Tensor:
-        """[N, D] L2-normalised catalogue embeddings (the OOV row excluded)."""
-        return F.normalize(self.item_emb.weight[: self.cfg.num_items], dim=-1)
+        """[N, D] L2-normalised catalogue embeddings (the OOV row excluded).
+
+        Serving scores the whole catalogue on every request, so outside training the normalised table
+        is kept until the weights change (tracked by the tensor's in-place version counter)."""
+        weight = self.item_emb.weight
+        if self.training or torch.is_grad_enabled() and weight.requires_grad:
+            return F.normalize(weight[: self.cfg.num_items], dim=-1)
+        key = (weight._version, weight.data_ptr(), weight.device)
+        if getattr(self, "_item_vectors_key", None) != key:
+            self._item_vectors = F.normalize(weight[: self.cfg.num_items].detach(), dim=-1)
+            self._item_vectors_key = key
+        return self._item_vectors
 
     def score(self, hidden: Tensor, candidates: Tensor | None = None) -> Tensor:
         """Cosine scores. hidden [B, D]; candidates [B, C] item ids, or None for the catalogue -> [B, C|N]."""

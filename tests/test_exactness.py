@@ -129,3 +129,15 @@ def test_topk_excludes_seen_items():
     excluded = model.topk(hidden[None], 10, exclude=[top[:5]])[1][0]
     assert not set(top[:5].tolist()) & set(excluded.tolist())
     assert excluded[:5].tolist() == top[5:].tolist()
+
+
+def test_catalogue_scores_follow_weight_updates():
+    """Serving caches the normalised catalogue; loading other weights must not serve stale vectors."""
+    model = tiny_model("hstu")
+    hidden = torch.randn(1, model.cfg.dim)
+    with torch.no_grad():
+        before = model.score(hidden)
+        other = tiny_model("hstu", seed=1)
+        model.load_state_dict(other.state_dict())
+        torch.testing.assert_close(model.score(hidden), other.score(hidden))
+        assert not torch.allclose(model.score(hidden), before)
