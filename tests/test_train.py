@@ -16,7 +16,7 @@ from models.train import TrainConfig, train, windows
 from server.cli import main as kvrec
 
 
-def cyclic_dataset(users: int = 40, items: int = 30, length: int = 30):
+def cyclic_dataset(users: int = 40, items: int = 20, length: int = 30):
     """Each user walks the catalogue in steps of +1 from a random start: the next item is always
     predictable from the last one, and popularity carries no signal at all."""
     gen = torch.Generator().manual_seed(0)
