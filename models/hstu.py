@@ -61,4 +61,6 @@ class HSTU(SequentialRecommender):
 
     def geometry(self, rel_pos: Tensor, rel_ts: Tensor) -> tuple[Tensor, Tensor]:
         """Bucket ids of position distance and time gap [B, n, T], shared by every layer's bias table."""
-        return log_bucket(rel_pos, self.cfg.pos_buckets), time_bucket(rel_ts, self.cfg.time_buckets)
+        cfg = self.cfg
+        return (log_bucket(rel_pos, cfg.pos_buckets, max_distance=cfg.max_len),
+                time_bucket(rel_ts, cfg.time_buckets))

@@ -35,8 +35,12 @@ class ModelConfig:
     d_v: int = 32
     max_len: int = 200  # training window; states may grow past it (positions are relative)
     dropout: float = 0.2
-    pos_buckets: int = 64  # HSTU: log-spaced buckets of relative position, the last one open-ended
-    time_buckets: int = 64  # HSTU: log2 buckets of time gaps in seconds
+    # HSTU's relative bias: buckets exact up to 16 events, log-spaced up to max_len; a farther distance
+    # shares the last bucket, which training reaches, so a state far longer than the window stays in
+    # distribution. Time gaps are log2 buckets of seconds; `train` sets `time_buckets` so that the last
+    # one holds every gap longer than the training windows span.
+    pos_buckets: int = 32
+    time_buckets: int = 64
     obs_window: int = 16  # new queries whose attention rows `extend` reports (SnapKV-style policies)
 
     def to_dict(self) -> dict:
@@ -222,9 +226,8 @@ def log_bucket(distance: Tensor, num_buckets: int, exact: int = 16, max_distance
     """Relative-position bucket, defined for any distance: exact below `exact`, log-spaced up to
     `max_distance`, and the last bucket open-ended. Negative distances (masked anyway) map to 0."""
     d = distance.clamp(min=0)
-    log_part = exact + (
-        torch.log(d.clamp(min=exact).float() / exact) / math.log(max_distance / exact) * (num_buckets - exact)
-    ).long()
+    span = math.log(max(max_distance, 2 * exact) / exact)
+    log_part = exact + (torch.log(d.clamp(min=exact).float() / exact) / span * (num_buckets - exact)).long()
     return torch.where(d < exact, d, log_part.clamp(max=num_buckets - 1))
 
 

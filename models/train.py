@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from models.data import Dataset, leave_one_out
 from models.evaluate import evaluate, has_repeats, pad_left
-from models.recommender import ModelConfig, SequentialRecommender
+from models.recommender import ModelConfig, SequentialRecommender, time_bucket
 from models.registry import build_model
 from models.state import Events
 
@@ -99,14 +99,16 @@ def train(dataset: Dataset, model_cfg: ModelConfig, cfg: TrainConfig, device: st
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
-    model_cfg = replace(model_cfg, num_items=dataset.num_items)
-    model = build_model(model_cfg).to(device)
     split = leave_one_out(dataset)
+    wins = windows(split.train, model_cfg.max_len)
+    widest_gap = max((int(w.ts[-1] - w.ts[0]) for w in wins), default=0)
+    model_cfg = replace(model_cfg, num_items=dataset.num_items,
+                        time_buckets=int(time_bucket(torch.tensor(widest_gap), 64)) + 1)
+    model = build_model(model_cfg).to(device)
     if not split.valid:
         raise ValueError(f"{dataset.name}: no user has the 3 events needed for a validation target")
     valid = random.Random(cfg.seed).sample(split.valid, min(cfg.max_valid_users, len(split.valid)))
     exclude_seen = not has_repeats(split.train)
-    wins = windows(split.train, model_cfg.max_len)
     log_q = sampling_log_q(split.train, dataset.num_items, cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     best, best_state, best_epoch, stale, history = -1.0, None, 0, 0, []

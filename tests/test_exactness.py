@@ -141,3 +141,13 @@ def test_catalogue_scores_follow_weight_updates():
         model.load_state_dict(other.state_dict())
         torch.testing.assert_close(model.score(hidden), other.score(hidden))
         assert not torch.allclose(model.score(hidden), before)
+
+
+def test_position_buckets_saturate_at_the_training_window():
+    """Every distance past the training window shares the last bucket, the one training reaches."""
+    from models.recommender import log_bucket
+
+    d = torch.tensor([0, 1, 15, 16, 40, 100, 200, 201, 5_000, 10**9])
+    b = log_bucket(d, 32, max_distance=200)
+    assert b[:3].tolist() == [0, 1, 15] and bool((b[1:] >= b[:-1]).all())
+    assert b[6:].tolist() == [31] * 4 and b[5] < 31
