@@ -4,8 +4,10 @@
            4   format version   uint16 little-endian
            6   reserved         uint16 (0)
            8   header length    uint32, the JSON header padded with spaces to a multiple of 8
-          12   crc32            uint32 over header and payload
-          16   header           {"model", "policy", "events", "dims", "tokens", "tensors"}; each tensor is
+          12   reserved         uint32 (0), so that the header starts 8-byte aligned
+          16   checksum         uint64 xxh3-64 over header and payload (about 15 GB/s: a 1 MiB state
+                                costs 0.07 ms to check, where crc32 cost 0.6 ms, a tenth of a request)
+          24   header           {"model", "policy", "events", "dims", "tokens", "tensors"}; each tensor is
                                 "name:dtype:shape" ("0.kq:u8:2x960x8"), in payload order
            *   payload          tensors back to back, largest element size first, so every tensor is
                                 aligned to its element size and decoding is `torch.frombuffer` views
@@ -22,9 +24,9 @@ import json
 import math
 import struct
 import warnings
-import zlib
 
 import torch
+import xxhash
 from torch import Tensor
 
 from compression.base import Dims
@@ -32,8 +34,8 @@ from compression.pipeline import Pipeline
 from models.state import State
 
 MAGIC = b"KVRS"
-VERSION = 1
-PREFIX = struct.Struct("<4sHHII")  # magic, version, reserved, header length, crc32
+VERSION = 2
+PREFIX = struct.Struct("<4sHHIIQ")  # magic, version, reserved, header length, reserved, xxh3-64
 DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16, "f8": torch.float8_e4m3fn,
           "u8": torch.uint8, "i8": torch.int8, "i16": torch.int16, "i32": torch.int32, "i64": torch.int64}
 CODES = {dtype: code for code, dtype in DTYPES.items()}
@@ -71,11 +73,12 @@ def encode_state(state: State, pipeline: Pipeline, model_fingerprint: str) -> by
         "tensors": " ".join(f"{n}:{CODES[tensors[n].dtype]}:{'x'.join(map(str, tensors[n].shape))}" for n in order),
     }, separators=(",", ":")).encode()
     header += b" " * (-len(header) % 8)
-    body = [header] + [tensors[n].detach().contiguous().view(-1).view(torch.uint8).numpy().tobytes() for n in order]
-    crc = 0
+    # views of the tensors' bytes: the one copy is the final join
+    body = [header] + [tensors[n].detach().contiguous().view(-1).view(torch.uint8).numpy() for n in order]
+    checksum = xxhash.xxh3_64()
     for part in body:
-        crc = zlib.crc32(part, crc)
-    return b"".join([PREFIX.pack(MAGIC, VERSION, 0, len(header), crc)] + body)
+        checksum.update(part)
+    return b"".join([PREFIX.pack(MAGIC, VERSION, 0, len(header), 0, checksum.intdigest())] + body)
 
 
 def metadata(state: State) -> dict[str, list[Tensor]]:
@@ -90,14 +93,14 @@ def read_header(blob: bytes) -> tuple[dict, int]:
     """The header of a blob (checked for magic, version and checksum) and where its payload starts."""
     if len(blob) < PREFIX.size:
         raise CorruptBlobError(f"blob of {len(blob)} bytes is shorter than the {PREFIX.size}-byte prefix")
-    magic, version, _, header_len, crc = PREFIX.unpack_from(blob)
+    magic, version, _, header_len, _, checksum = PREFIX.unpack_from(blob)
     if magic != MAGIC:
         raise CorruptBlobError(f"not a kvrec state blob (magic {bytes(magic)!r})")
     if version != VERSION:
         raise ForeignBlobError(f"blob format version {version}, this code reads version {VERSION}")
     if PREFIX.size + header_len > len(blob):
         raise CorruptBlobError(f"truncated blob: header of {header_len} bytes, blob of {len(blob)}")
-    if zlib.crc32(memoryview(blob)[PREFIX.size:]) != crc:
+    if xxhash.xxh3_64_intdigest(memoryview(blob)[PREFIX.size:]) != checksum:
         raise CorruptBlobError("blob checksum mismatch (truncated or corrupted)")
     try:
         return json.loads(bytes(memoryview(blob)[PREFIX.size:PREFIX.size + header_len])), PREFIX.size + header_len

@@ -96,8 +96,8 @@ def test_foreign_blobs(state):
         decode_state(blob, FULL, "m2")
     with pytest.raises(ForeignBlobError, match="policy"):
         decode_state(blob, parse_policy("int8"), "m1")
-    magic, _, reserved, length, crc = PREFIX.unpack_from(blob)
-    other_version = PREFIX.pack(magic, 99, reserved, length, crc) + blob[PREFIX.size:]
+    magic, _, reserved, length, reserved2, checksum = PREFIX.unpack_from(blob)
+    other_version = PREFIX.pack(magic, 99, reserved, length, reserved2, checksum) + blob[PREFIX.size:]
     with pytest.raises(ForeignBlobError, match="version"):
         decode_state(other_version, FULL, "m1")
     assert issubclass(CorruptBlobError, BlobError) and issubclass(ForeignBlobError, BlobError)
