@@ -221,16 +221,7 @@ def plot_pareto(path: Path, rows: list[dict], front: list[str]) -> Path:
                 where="post", color="tab:red", alpha=0.6, label="Pareto front")
         ax.legend(loc="best")
     _stateless_lines(ax, rows, "ndcg@10")
-    if pts:
-        ax.set_xscale("log")
-    ax.set_xlabel("state bytes per user (mean)")
-    ax.set_ylabel("online NDCG@10")
-    ax.set_title("memory against accuracy, per policy")
-    ax.grid(True, alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save_bytes_plot(plt, fig, ax, path, bool(pts), "online NDCG@10", "memory against accuracy, per policy")
 
 
 def plot_throughput(path: Path, rows: list[dict]) -> Path:
@@ -242,11 +233,17 @@ def plot_throughput(path: Path, rows: list[dict]) -> Path:
         ax.annotate(r["policy"], (r["bytes_per_user_mean"], r["rps"]), textcoords="offset points",
                     xytext=(4, 4), fontsize=8)
     _stateless_lines(ax, rows, "rps")
-    if pts:
+    return _save_bytes_plot(plt, fig, ax, path, bool(pts), "requests per second",
+                            "throughput against memory, per policy")
+
+
+def _save_bytes_plot(plt, fig, ax, path: Path, log_x: bool, ylabel: str, title: str) -> Path:
+    """The common finish of the plots whose x axis is state bytes per user."""
+    if log_x:
         ax.set_xscale("log")
     ax.set_xlabel("state bytes per user (mean)")
-    ax.set_ylabel("requests per second")
-    ax.set_title("throughput against memory, per policy")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
     ax.grid(True, alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
