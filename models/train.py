@@ -101,9 +101,10 @@ def train(dataset: Dataset, model_cfg: ModelConfig, cfg: TrainConfig, device: st
     gen = torch.Generator().manual_seed(cfg.seed)
     split = leave_one_out(dataset)
     wins = windows(split.train, model_cfg.max_len)
+    # time buckets up to the widest gap a training window holds: longer gaps at serving share the last one
     widest_gap = max((int(w.ts[-1] - w.ts[0]) for w in wins), default=0)
     model_cfg = replace(model_cfg, num_items=dataset.num_items,
-                        time_buckets=int(time_bucket(torch.tensor(widest_gap), 64)) + 1)
+                        time_buckets=int(time_bucket(torch.tensor(widest_gap), 64)) + 1)  # 64: all of int64
     model = build_model(model_cfg).to(device)
     if not split.valid:
         raise ValueError(f"{dataset.name}: no user has the 3 events needed for a validation target")
