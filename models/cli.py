@@ -31,6 +31,8 @@ def register(sub) -> None:
     p.add_argument("--dropout", type=float, default=0.2)
     p.add_argument("--epochs", type=int, default=200, help="upper bound; early stopping usually ends sooner")
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--pair-budget", type=int, default=32_000_000,
+                   help="cap on batch x window x window attention entries: long windows train in smaller batches")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--negatives", type=int, default=256, help="random negatives per batch (plus as many in-batch)")
     p.add_argument("--temperature", type=float, default=0.05)
@@ -81,7 +83,7 @@ def cmd_train(args) -> int:
     train_cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                             random_negatives=args.negatives, in_batch_negatives=args.negatives,
                             temperature=args.temperature, patience=args.patience, max_minutes=args.max_minutes,
-                            seed=args.seed)
+                            pair_budget=args.pair_budget, seed=args.seed)
     model, summary = train(dataset, model_cfg, train_cfg, device=default_device(args.device))
     summary["dataset"] = dataset.name
     ckpt = save_checkpoint(args.out, model.cpu(), dataset.item_ids, dataset.fingerprint(), summary)

@@ -2,8 +2,8 @@
 ICML 2024).
 
 Each layer projects its normalised input once into four parts, U, V, Q, K = split(SiLU(W1 x)); weighs
-keys pointwise with SiLU(q.k + rab) instead of a softmax, divided by a constant (here the training
-window, so that a cached key's weight never changes when the history grows); and gates the normalised
+keys pointwise with SiLU(q.k + rab) instead of a softmax, divided by a constant (so that a cached key's
+weight never changes when the history grows: the training window, up to 256 events); and gates the normalised
 attention output by U: y = W2(LayerNorm(A V) * U). The relative attention bias `rab` adds a learned value
 per head for the bucketed position distance and the bucketed time gap between query and key; both bucket
 functions are defined for any distance, so a state can grow past the training length.
@@ -18,6 +18,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models.recommender import Block, ModelConfig, SequentialRecommender, log_bucket, time_bucket
+
+# The normalising constant stops growing at 256 events: LayerNorm follows, so a larger constant changes
+# nothing but pushes short contexts under its epsilon (a model trained on 10,000-event windows divided
+# a 50-event context's A.V down to a variance of 9e-9, against eps = 1e-5, and lost 15% NDCG@10 on it).
+NORM_CAP = 256
 
 
 class HSTUBlock(Block):
@@ -44,9 +49,11 @@ class HSTUBlock(Block):
     def weights(self, q, k, geometry, key_weight, mask):
         cfg = self.cfg
         pos_bucket, time_bucket_ = geometry  # [B, n, T] each
-        rab = self.pos_bias.T[:, pos_bucket] + self.time_bias.T[:, time_bucket_]  # [H, B, n, T]
-        logits = (q / math.sqrt(cfg.d_k)) @ k.transpose(-1, -2) + rab.transpose(0, 1)  # [B, H, n, T]
-        key_scale = (key_weight / cfg.max_len)[:, None, None, :]  # [B, 1, 1, T]
+        # F.embedding, not tensor indexing: on CUDA its backward reduces the B x n x T duplicates of a
+        # few dozen buckets in parallel, where indexing's accumulate serialises them (70x slower here)
+        rab = F.embedding(pos_bucket, self.pos_bias) + F.embedding(time_bucket_, self.time_bias)  # [B, n, T, H]
+        logits = (q / math.sqrt(cfg.d_k)) @ k.transpose(-1, -2) + rab.permute(0, 3, 1, 2)  # [B, H, n, T]
+        key_scale = (key_weight / min(cfg.max_len, NORM_CAP))[:, None, None, :]  # [B, 1, 1, T]
         return (F.silu(logits) * key_scale).masked_fill(~mask[:, None], 0.0)
 
     def output(self, x, attn, ctx):

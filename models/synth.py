@@ -12,18 +12,18 @@ decides whether forgetting old events costs accuracy. The process, per user:
 - An ordinary session stays in one interest cluster and draws Zipf-popular items from it, sometimes
   re-consuming an item of the same session. It never draws an item last seen more than `window` events
   ago: everything it does is predictable from the recent events alone.
-- With probability `long_range` a session is instead a *recall*: the user replays, in order, the
-  distinct items of one of their own ordinary sessions that ended `recall_gap` to `recall_horizon`
-  (100 to 200) events ago,
-  skipping those seen in the last `window` events. Which items follow is then known only from the far
-  history: a model finds the earlier occurrence of the current item and copies what came after it (an
-  induction pattern that attention with relative positions learns), while a model or a compressed
-  state that keeps only the last `window` events cannot.
+- A user also has `favourites`: items drawn uniformly from the whole catalogue, so that neither
+  popularity nor the interest clusters point to them. With probability `long_range` a session is
+  instead a *return* (mean length `return_len`): the user goes back to favourites not consumed in the
+  last `window` events. The first returns introduce the favourites early in the history; every later
+  return re-consumes one first seen far back. Which item comes next is then known only from the far
+  history: a model that sums over the whole history sees which items keep coming back (a bag-of-items
+  pattern one attention layer learns), while a model or a compressed state that keeps only the last
+  `window` events cannot tell a favourite from any other item of the catalogue.
 
-So `long_range` in [0, 1] is the share of sessions whose content lives only in the far history
-(recalls need an old enough session, so the first ~100 events of a user are always ordinary):
-`long_range=0` gives data where the last 50 events suffice, `long_range=0.8` data where a policy that
-drops old events must lose accuracy. `long_range_share` measures this without a model (about 0.25 at
+So `long_range` in [0, 1] is the share of sessions whose content lives only in the far history:
+`long_range=0` gives data where the last 50 events suffice, `long_range=0.5` data where a policy that
+drops old events must lose accuracy. `long_range_share` measures this without a model (about 0.22 at
 0.9 and exactly 0 at 0 for mean length 300). One faint far-history cue remains at `long_range=0`: the
 items an ordinary session may not draw (seen, but not recently) are known only from the full history.
 
@@ -51,7 +51,6 @@ PRESETS: dict[str, dict] = {
 
 _MINUTE, _HOUR, _DAY = 60, 3600, 86400
 _START = 1_600_000_000  # unix seconds of the earliest possible first event
-_TRIES = 4  # Zipf draws an ordinary event gets before it falls back to a recent item
 
 
 def generate(
@@ -71,8 +70,8 @@ def generate(
     len_sigma: float = 1.0,
     min_len: int = 5,
     window: int = 50,
-    recall_gap: int = 100,
-    recall_horizon: int = 200,
+    favourites: int = 16,
+    return_len: float = 1.5,
     max_events: int = 5_000_000,
     name: str = "synth",
 ) -> Dataset:
@@ -80,9 +79,9 @@ def generate(
 
     window:     recency horizon: ordinary sessions only use items seen within the last `window` events
                 (or new ones), and sessions are at most window // 2 long
-    recall_gap: a recalled session ended at least this many events before the recall starts
-    recall_horizon: ... and at most this many: far beyond the recency window, yet within the training
-                window of a model (200-300 events), so that the copy from the far past is learnable
+    favourites: items per user that return sessions go back to; more favourites than a window's worth
+                of returns, so that some are always far-history only
+    return_len: mean length of a return session (geometric, at most the favourites not seen recently)
     repeat:     chance that an ordinary event re-consumes an item of its own session
     drift:      chance, per ordinary session, that one interest cluster is replaced by a new one
     """
@@ -97,13 +96,13 @@ def generate(
     rank_cdf = np.cumsum(_zipf(cluster_size, zipf)).tolist()  # [S] within-cluster Zipf by rank
     p = dict(
         long_range=long_range, interests=min(interests, n_clusters), session_len=session_len,
-        repeat=repeat, drift=drift, window=window, recall_gap=recall_gap, recall_horizon=recall_horizon,
-        cluster_size=cluster_size,
+        repeat=repeat, drift=drift, window=window, cluster_size=cluster_size,
+        favourites=min(favourites, items), return_len=return_len,
     )
     seq_items, seq_ts = [], []
     for u, n in enumerate(lengths.tolist()):
         urng = np.random.default_rng([seed, u])
-        it, starts = _user_items(urng, n, cluster_pop, rank_cdf, **p)
+        it, starts = _user_items(urng, n, items, cluster_pop, rank_cdf, **p)
         seq_items.append(it)
         seq_ts.append(_timestamps(urng, n, starts))
     user_col = np.repeat(np.arange(users), lengths)
@@ -125,47 +124,39 @@ def _zipf(n: int, a: float) -> np.ndarray:
 
 
 def _user_items(
-    rng, n, cluster_pop, rank_cdf, *, long_range, interests, session_len, repeat, drift, window,
-    recall_gap, recall_horizon, cluster_size,
+    rng, n, items, cluster_pop, rank_cdf, *, long_range, interests, session_len, repeat, drift, window,
+    cluster_size, favourites, return_len,
 ) -> tuple[np.ndarray, list[int]]:
     """[n] item ids of one user's history and the start position of each session."""
     n_clusters = len(cluster_pop)
     interest = rng.choice(n_clusters, size=interests, replace=False, p=cluster_pop).tolist()
     weights = np.cumsum(rng.dirichlet(np.ones(interests))).tolist()
+    favs = rng.choice(items, size=favourites, replace=False).tolist()  # uniform over the catalogue
     sess_lens = np.minimum(rng.geometric(1.0 / session_len, size=n), max(1, window // 2)).tolist()
-    u_sess = rng.random((n, 3 + _TRIES)).tolist()  # per session: recall?, cluster, drift?, recall picks
-    u_event = rng.random((n, 2 + _TRIES)).tolist()  # per event: repeat?, which repeat, Zipf draws
+    ret_lens = rng.geometric(1.0 / return_len, size=n).tolist()
+    u_sess = rng.random((n, 3)).tolist()  # per session: return?, cluster, drift?
+    u_event = rng.random((n, 3)).tolist()  # per event: repeat?, which repeat, Zipf rank
     out: list[int] = []
     last_seen: dict[int, int] = {}
     starts: list[int] = []  # start position of every session
-    sources: tuple[list[int], list[int]] = ([], [])  # starts, ends of ordinary sessions (recall sources)
     t = 0
     while t < n:
-        r_recall, r_cluster, r_drift, *picks = u_sess[len(starts)]
-        session = None
-        if r_recall < long_range:
-            session = _recall(out, sources, last_seen, t, picks, window, recall_gap, recall_horizon)
-        if session is None:
+        r_return, r_cluster, r_drift = u_sess[len(starts)]
+        session: list[int] = []
+        if r_return < long_range:  # the favourites not seen in the last `window` events, longest-unseen first
+            far = [f for f in favs if t - last_seen.get(f, -window - 1) > window]
+            far.sort(key=lambda f: last_seen.get(f, -1))
+            session = far[: ret_lens[len(starts)]]
+        if not session:
             if r_drift < drift:
                 interest[int(rng.integers(interests))] = int(rng.choice(n_clusters, p=cluster_pop))
             base = interest[bisect.bisect_right(weights, r_cluster * weights[-1])] * cluster_size
-            session = []
             for pos in range(t, min(n, t + sess_lens[len(starts)])):
-                r_rep, r_which, *draws = u_event[pos]
-                item = -1
+                r_rep, r_which, r_rank = u_event[pos]
                 if session and r_rep < repeat:
-                    item = session[int(r_which * len(session))]
-                for d in draws:
-                    if item >= 0:
-                        break
-                    cand = base + bisect.bisect_right(rank_cdf, d * rank_cdf[-1])
-                    if pos - last_seen.get(cand, pos) <= window:  # new, or seen recently
-                        item = cand
-                if item < 0:  # every draw was far-history only: stay short-range
-                    item = session[-1] if session else out[-1]
-                session.append(item)
-            sources[0].append(t)
-            sources[1].append(t + len(session))
+                    session.append(session[int(r_which * len(session))])
+                else:
+                    session.append(base + bisect.bisect_right(rank_cdf, r_rank * rank_cdf[-1]))
         session = session[: n - t]
         for pos, item in enumerate(session, start=t):
             last_seen[item] = pos
@@ -173,23 +164,6 @@ def _user_items(
         out.extend(session)
         t += len(session)
     return np.array(out, dtype=np.int64), starts
-
-
-def _recall(out, sources, last_seen, t, picks, window, recall_gap, recall_horizon) -> list[int] | None:
-    """The distinct items of an ordinary session that ended between `recall_gap` and `recall_horizon`
-    events before `t`, in their order, less those seen in the last `window` events (what is replayed is
-    far-history only); None when no pick leaves any.
-    """
-    src_starts, src_ends = sources
-    first = bisect.bisect_left(src_ends, t - recall_horizon)  # ends increase: sessions do not overlap
-    old = bisect.bisect_right(src_ends, t - recall_gap)
-    for r in picks if old > first else ():
-        k = first + int(r * (old - first))
-        far = [i for i in out[src_starts[k] : src_ends[k]] if t - last_seen[i] > window]
-        session = list(dict.fromkeys(far))  # first occurrences, in order
-        if session:
-            return session
-    return None
 
 
 def _timestamps(rng, n: int, starts: list[int]) -> np.ndarray:

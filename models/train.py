@@ -38,6 +38,7 @@ class TrainConfig:
     patience: int = 5  # evaluations without a better validation NDCG@10 before stopping
     max_valid_users: int = 2000  # validation on a fixed sample, for speed
     max_minutes: float | None = None  # wall-clock cap, checked after each epoch
+    pair_budget: int = 32_000_000  # B x L x L attention entries per batch: bounds memory for long windows
     seed: int = 0
 
 
@@ -50,11 +51,19 @@ def windows(train: list[Events], max_len: int) -> list[Events]:
     return out
 
 
-def length_batches(wins: list[Events], batch_size: int, rng: random.Random) -> list[list[Events]]:
+def length_batches(wins: list[Events], batch_size: int, rng: random.Random,
+                   pair_budget: int | None = None) -> list[list[Events]]:
     """Batches of similar length in random order: attention cost is quadratic in the padded width, and
-    most users are far shorter than the window."""
+    most users are far shorter than the window. A batch also stops growing before B x L x L passes
+    `pair_budget`, so that windows as long as whole histories (thousands of events) fit in memory."""
     order = sorted(range(len(wins)), key=lambda i: (len(wins[i]), rng.random()))
-    batches = [[wins[i] for i in order[s:s + batch_size]] for s in range(0, len(order), batch_size)]
+    batches: list[list[Events]] = []
+    for i in order:
+        width = len(wins[i])  # the widest so far: lengths ascend
+        if (not batches or len(batches[-1]) >= batch_size
+                or pair_budget is not None and (len(batches[-1]) + 1) * width * width > pair_budget):
+            batches.append([])
+        batches[-1].append(wins[i])
     rng.shuffle(batches)
     return batches
 
@@ -118,7 +127,7 @@ def train(dataset: Dataset, model_cfg: ModelConfig, cfg: TrainConfig, device: st
     for epoch in bar:
         model.train()
         total = 0.0
-        for batch in length_batches(wins, cfg.batch_size, random.Random(cfg.seed + epoch)):
+        for batch in length_batches(wins, cfg.batch_size, random.Random(cfg.seed + epoch), cfg.pair_budget):
             loss = batch_loss(model, batch, cfg, gen, log_q)
             opt.zero_grad()
             loss.backward()

@@ -1,6 +1,7 @@
 """Training, checkpoints and full-ranking evaluation on tiny synthetic data."""
 
 import json
+import random
 
 import numpy as np
 import pytest
@@ -12,7 +13,7 @@ from models.evaluate import evaluate, popularity_ranks
 from models.metrics import ndcg, rank_of_targets
 from models.recommender import ModelConfig
 from models.registry import build_model
-from models.train import TrainConfig, train, windows
+from models.train import TrainConfig, length_batches, train, windows
 from server.cli import main as kvrec
 
 
@@ -52,6 +53,19 @@ def test_windows_cut_from_the_end():
     assert [w.items[-1].item() for w in wins] == [44, 24, 4]
     assert all(len(w) <= 21 for w in wins)
     assert wins[0].items[0].item() == 24  # consecutive windows share their boundary event as input/target
+
+
+def test_length_batches_hold_the_pair_budget():
+    from models.state import Events
+
+    wins = [Events.of(range(n)) for n in [5] * 40 + [30, 31, 60, 100, 1000]]
+    batches = length_batches(wins, batch_size=16, rng=random.Random(0), pair_budget=4000)
+    assert sorted(len(w) for b in batches for w in b) == sorted(len(w) for w in wins)  # every window once
+    for b in batches:
+        width = max(len(w) for w in b)
+        assert len(b) <= 16 and (len(b) == 1 or len(b) * width * width <= 4000)
+    assert [len(b) for b in batches if len(b[0]) >= 60] == [1, 1, 1]  # too wide to share a batch
+    assert sum(len(b) for b in batches if len(b[0]) == 5) == 40  # short ones still fill batches
 
 
 @pytest.mark.slow
