@@ -53,6 +53,9 @@ def register(sub) -> None:
     p.add_argument("--min-len", type=int, default=3)
     p.add_argument("--history", type=int, default=None,
                    help="use only each user's last N events (default: the whole history)")
+    p.add_argument("--compare-history", type=int, default=None, metavar="N",
+                   help="also score with only the last N events and report the per-user paired NDCG@10 "
+                   "difference against the whole history, with its standard error")
     p.add_argument("--exclude-seen", choices=["auto", "yes", "no"], default="auto",
                    help="leave already-seen items out of the ranking; auto: only if no user repeats an item")
     p.add_argument("--json", default=None, help="also write the metrics to this JSON file")
@@ -95,7 +98,7 @@ def cmd_train(args) -> int:
 def cmd_eval(args) -> int:
     from models.checkpoint import load_checkpoint
     from models.data import leave_one_out, load_dataset
-    from models.evaluate import evaluate
+    from models.evaluate import evaluate, history_gap
 
     ckpt = load_checkpoint(args.model, device=default_device(args.device))
     dataset = load_dataset(args.dataset, min_len=args.min_len)
@@ -116,6 +119,13 @@ def cmd_eval(args) -> int:
           f"{result['ndcg@50']:9.4f}")
     print(f"{'popularity':12}{result['popularity_hr@10']:8.4f}{result['popularity_ndcg@10']:9.4f}"
           f"{result['popularity_hr@50']:8.4f}{result['popularity_ndcg@50']:9.4f}")
+    if args.compare_history:
+        gap = history_gap(ckpt.model, split.train, split.test, args.compare_history, exclude_seen=exclude)
+        result["compare_history"] = gap
+        print(f"NDCG@10 with the last {gap['history']} events {gap['ndcg@10_recent']:.4f} against "
+              f"{gap['ndcg@10_whole']:.4f} with the whole history: {gap['difference']:+.4f} "
+              f"± {gap['difference_se']:.4f} (paired standard error, {gap['users']} users), "
+              f"{gap['relative']:+.1%}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)

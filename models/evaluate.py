@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from models.data import EvalCase
-from models.metrics import rank_of_targets, summarize
+from models.metrics import ndcg_gains, rank_of_targets, summarize
 from models.recommender import SequentialRecommender
 
 PAIR_BUDGET = 8_000_000  # B x L x L attention entries per batch
@@ -101,3 +101,20 @@ def evaluate(model: SequentialRecommender, train: list, cases: list[EvalCase], *
     result.update(pop)
     result.update(users=len(cases), exclude_seen=exclude_seen, history=history or "all")
     return result
+
+
+def history_gap(model: SequentialRecommender, train: list, cases: list[EvalCase], history: int, *,
+                exclude_seen: bool | None = None) -> dict:
+    """NDCG@10 with each user's whole history against only its last `history` events, paired by user.
+
+    The same users and targets score both ways, so the standard error of the per-user difference is
+    far smaller than either metric's own: the measure of whether the far history matters."""
+    if exclude_seen is None:
+        exclude_seen = not has_repeats(train)
+    whole = ndcg_gains(rank_cases(model, cases, exclude_seen=exclude_seen), 10)  # [U]
+    recent = ndcg_gains(rank_cases(model, cases, exclude_seen=exclude_seen, history=history), 10)
+    diff = recent - whole
+    se = float(diff.std() / len(diff) ** 0.5) if len(diff) > 1 else 0.0
+    return {"history": history, "users": len(cases), "ndcg@10_whole": float(whole.mean()),
+            "ndcg@10_recent": float(recent.mean()), "difference": float(diff.mean()), "difference_se": se,
+            "relative": float(diff.mean() / whole.mean()) if float(whole.mean()) else 0.0}

@@ -15,12 +15,13 @@ def hit_rate(ranks: Tensor, k: int) -> float:
     return float((ranks < k).float().mean()) if len(ranks) else 0.0
 
 
+def ndcg_gains(ranks: Tensor, k: int) -> Tensor:
+    """Per case [B] double: one relevant item, so 1 / log2(rank + 2) when it is in the top k, else 0."""
+    return torch.where(ranks < k, 1.0 / torch.log2(ranks.double() + 2), torch.zeros((), dtype=torch.double))
+
+
 def ndcg(ranks: Tensor, k: int) -> float:
-    """One relevant item per case: 1 / log2(rank + 2) when it is in the top k, else 0."""
-    if not len(ranks):
-        return 0.0
-    gains = torch.where(ranks < k, 1.0 / torch.log2(ranks.double() + 2), torch.zeros((), dtype=torch.double))
-    return float(gains.mean())
+    return float(ndcg_gains(ranks, k).mean()) if len(ranks) else 0.0
 
 
 def ndcg_of_list(ranked: list, relevant: set, k: int) -> float:

@@ -31,8 +31,9 @@ History lengths are lognormal (heavy-tailed) with mean `mean_len`, clipped to [m
 Scale: generation is a Python loop over events at about 300,000 events a second; 1,000 users of mean
 length 1,000 take about 3 s, and the total is capped at `max_events` (lengths are scaled down to fit).
 The presets (300 users, 1,500 items, mean length about 1,030: about 300,000 events, histories up to
-10,000) are the long-history setting the benchmarks need and still train on a CPU in minutes; overrides
-such as `synth-long:users=200,mean_len=300` give smaller sets for demos and tests.
+10,000) are the long-history setting the benchmarks need; trained on whole-history windows they take
+minutes on a GPU and about 10 minutes an epoch on 2 CPU cores. Overrides such as
+`synth-long:users=200,mean_len=300` give smaller sets for demos and tests.
 """
 
 from __future__ import annotations

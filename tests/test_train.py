@@ -9,7 +9,7 @@ import torch
 
 from models.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from models.data import build_dataset, leave_one_out
-from models.evaluate import evaluate, popularity_ranks
+from models.evaluate import evaluate, history_gap, popularity_ranks
 from models.metrics import ndcg, rank_of_targets
 from models.recommender import ModelConfig
 from models.registry import build_model
@@ -79,6 +79,20 @@ def test_training_learns_a_sequential_pattern(kind):
     # the walk is deterministic given the last item, while popularity is flat
     assert result["ndcg@10"] > 0.5 and result["ndcg@10"] > 4 * result["popularity_ndcg@10"], result
     assert summary["best_epoch"] >= 1 and summary["history"][0]["loss"] > summary["history"][-1]["loss"]
+
+
+def test_history_gap_pairs_the_same_users():
+    ds = cyclic_dataset(users=12)
+    model = build_model(ModelConfig(**{**TINY.to_dict(), "num_items": ds.num_items})).eval()
+    split = leave_one_out(ds)
+    longest = max(len(c.history) for c in split.test)
+    same = history_gap(model, split.train, split.test, longest)
+    assert same["difference"] == 0.0 and same["difference_se"] == 0.0  # the whole history either way
+    assert same["ndcg@10_whole"] == pytest.approx(evaluate(model, split.train, split.test)["ndcg@10"])
+    short = history_gap(model, split.train, split.test, 2)
+    recent = evaluate(model, split.train, split.test, history=2)["ndcg@10"]
+    assert short["ndcg@10_recent"] == pytest.approx(recent)
+    assert short["difference"] == pytest.approx(recent - short["ndcg@10_whole"])
 
 
 def test_checkpoint_round_trip(tmp_path):
