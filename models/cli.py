@@ -55,7 +55,7 @@ def register(sub) -> None:
                    help="use only each user's last N events (default: the whole history)")
     p.add_argument("--compare-history", type=int, default=None, metavar="N",
                    help="also score with only the last N events and report the per-user paired NDCG@10 "
-                   "difference against the whole history, with its standard error")
+                   "difference against --history (default: the whole history), with its standard error")
     p.add_argument("--exclude-seen", choices=["auto", "yes", "no"], default="auto",
                    help="leave already-seen items out of the ranking; auto: only if no user repeats an item")
     p.add_argument("--json", default=None, help="also write the metrics to this JSON file")
@@ -98,7 +98,7 @@ def cmd_train(args) -> int:
 def cmd_eval(args) -> int:
     from models.checkpoint import load_checkpoint
     from models.data import leave_one_out, load_dataset
-    from models.evaluate import evaluate, history_gap
+    from models.evaluate import evaluate
 
     ckpt = load_checkpoint(args.model, device=default_device(args.device))
     dataset = load_dataset(args.dataset, min_len=args.min_len)
@@ -110,7 +110,8 @@ def cmd_eval(args) -> int:
         return 2
     split = leave_one_out(dataset)
     exclude = {"auto": None, "yes": True, "no": False}[args.exclude_seen]
-    result = evaluate(ckpt.model, split.train, split.test, exclude_seen=exclude, history=args.history)
+    result = evaluate(ckpt.model, split.train, split.test, exclude_seen=exclude, history=args.history,
+                      compare_history=args.compare_history)
     result.update(model=str(args.model), dataset=dataset.name)
     print(f"{dataset.name}: {result['users']} users, seen items {'excluded' if result['exclude_seen'] else 'kept'}, "
           f"history {result['history']}")
@@ -120,10 +121,9 @@ def cmd_eval(args) -> int:
     print(f"{'popularity':12}{result['popularity_hr@10']:8.4f}{result['popularity_ndcg@10']:9.4f}"
           f"{result['popularity_hr@50']:8.4f}{result['popularity_ndcg@50']:9.4f}")
     if args.compare_history:
-        gap = history_gap(ckpt.model, split.train, split.test, args.compare_history, exclude_seen=exclude)
-        result["compare_history"] = gap
+        gap = result["compare_history"]
         print(f"NDCG@10 with the last {gap['history']} events {gap['ndcg@10_recent']:.4f} against "
-              f"{gap['ndcg@10_whole']:.4f} with the whole history: {gap['difference']:+.4f} "
+              f"{gap['ndcg@10_whole']:.4f} with history {result['history']}: {gap['difference']:+.4f} "
               f"± {gap['difference_se']:.4f} (paired standard error, {gap['users']} users), "
               f"{gap['relative']:+.1%}")
     if args.json:

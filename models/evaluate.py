@@ -91,30 +91,31 @@ def has_repeats(seqs: list) -> bool:
 
 
 def evaluate(model: SequentialRecommender, train: list, cases: list[EvalCase], *, exclude_seen: bool | None = None,
-             history: int | None = None) -> dict:
+             history: int | None = None, compare_history: int | None = None) -> dict:
     """HR/NDCG@10/50 of the model and NDCG@10 of popularity; `exclude_seen=None` excludes seen items
-    only when the training data never repeats an item within a user."""
+    only when the training data never repeats an item within a user. With `compare_history`, also the
+    paired NDCG@10 difference of seeing only that many last events (`history_gap`)."""
     if exclude_seen is None:
         exclude_seen = not has_repeats(train)
-    result = summarize(rank_cases(model, cases, exclude_seen=exclude_seen, history=history))
+    ranks = rank_cases(model, cases, exclude_seen=exclude_seen, history=history)
+    result = summarize(ranks)
     pop = summarize(popularity_ranks(train, cases, model.cfg.num_items, exclude_seen=exclude_seen), "popularity_")
     result.update(pop)
     result.update(users=len(cases), exclude_seen=exclude_seen, history=history or "all")
+    if compare_history:
+        recent = rank_cases(model, cases, exclude_seen=exclude_seen, history=compare_history)
+        result["compare_history"] = history_gap(ranks, recent, compare_history)
     return result
 
 
-def history_gap(model: SequentialRecommender, train: list, cases: list[EvalCase], history: int, *,
-                exclude_seen: bool | None = None) -> dict:
-    """NDCG@10 with each user's whole history against only its last `history` events, paired by user.
+def history_gap(whole: Tensor, recent: Tensor, history: int) -> dict:
+    """NDCG@10 from ranks with each user's whole history against only its last `history` events.
 
     The same users and targets score both ways, so the standard error of the per-user difference is
     far smaller than either metric's own: the measure of whether the far history matters."""
-    if exclude_seen is None:
-        exclude_seen = not has_repeats(train)
-    whole = ndcg_gains(rank_cases(model, cases, exclude_seen=exclude_seen), 10)  # [U]
-    recent = ndcg_gains(rank_cases(model, cases, exclude_seen=exclude_seen, history=history), 10)
+    whole, recent = ndcg_gains(whole, 10), ndcg_gains(recent, 10)  # [U] each
     diff = recent - whole
     se = float(diff.std() / len(diff) ** 0.5) if len(diff) > 1 else 0.0
-    return {"history": history, "users": len(cases), "ndcg@10_whole": float(whole.mean()),
+    return {"history": history, "users": len(diff), "ndcg@10_whole": float(whole.mean()),
             "ndcg@10_recent": float(recent.mean()), "difference": float(diff.mean()), "difference_se": se,
             "relative": float(diff.mean() / whole.mean()) if float(whole.mean()) else 0.0}

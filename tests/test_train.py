@@ -9,7 +9,7 @@ import torch
 
 from models.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from models.data import build_dataset, leave_one_out
-from models.evaluate import evaluate, history_gap, popularity_ranks
+from models.evaluate import evaluate, popularity_ranks
 from models.metrics import ndcg, rank_of_targets
 from models.recommender import ModelConfig
 from models.registry import build_model
@@ -86,10 +86,11 @@ def test_history_gap_pairs_the_same_users():
     model = build_model(ModelConfig(**{**TINY.to_dict(), "num_items": ds.num_items})).eval()
     split = leave_one_out(ds)
     longest = max(len(c.history) for c in split.test)
-    same = history_gap(model, split.train, split.test, longest)
+    whole = evaluate(model, split.train, split.test, compare_history=longest)
+    same = whole["compare_history"]
     assert same["difference"] == 0.0 and same["difference_se"] == 0.0  # the whole history either way
-    assert same["ndcg@10_whole"] == pytest.approx(evaluate(model, split.train, split.test)["ndcg@10"])
-    short = history_gap(model, split.train, split.test, 2)
+    assert same["ndcg@10_whole"] == pytest.approx(whole["ndcg@10"])
+    short = evaluate(model, split.train, split.test, compare_history=2)["compare_history"]
     recent = evaluate(model, split.train, split.test, history=2)["ndcg@10"]
     assert short["ndcg@10_recent"] == pytest.approx(recent)
     assert short["difference"] == pytest.approx(recent - short["ndcg@10_whole"])
