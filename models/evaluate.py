@@ -109,7 +109,8 @@ def evaluate(model: SequentialRecommender, train: list, cases: list[EvalCase], *
 
 
 def history_gap(whole: Tensor, recent: Tensor, history: int) -> dict:
-    """NDCG@10 from ranks with each user's whole history against only its last `history` events.
+    """NDCG@10 from the ranks of `evaluate`'s main pass (the whole history unless it was given one)
+    against those with only each user's last `history` events.
 
     The same users and targets score both ways, so the standard error of the per-user difference is
     far smaller than either metric's own: the measure of whether the far history matters."""

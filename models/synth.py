@@ -10,8 +10,8 @@ decides whether forgetting old events costs accuracy. The process, per user:
 - Events come in sessions (geometric length, shorter than the recency window) separated by long time
   gaps; within a session gaps are minutes.
 - An ordinary session stays in one interest cluster and draws Zipf-popular items from it, sometimes
-  re-consuming an item of the same session. It never draws an item last seen more than `window` events
-  ago: everything it does is predictable from the recent events alone.
+  re-consuming an item of the same session. What it draws depends on the current cluster only, which
+  the recent events show: the far history adds nothing to it.
 - A user also has `favourites`: items drawn uniformly from the whole catalogue, so that neither
   popularity nor the interest clusters point to them. With probability `long_range` a session is
   instead a *return* (mean length `return_len`): the user goes back to favourites not consumed in the
@@ -23,9 +23,9 @@ decides whether forgetting old events costs accuracy. The process, per user:
 
 So `long_range` in [0, 1] is the share of sessions whose content lives only in the far history:
 `long_range=0` gives data where the last 50 events suffice, `long_range=0.5` data where a policy that
-drops old events must lose accuracy. `long_range_share` measures this without a model (about 0.22 at
-0.9 and exactly 0 at 0 for mean length 300). One faint far-history cue remains at `long_range=0`: the
-items an ordinary session may not draw (seen, but not recently) are known only from the full history.
+drops old events must lose accuracy. `long_range_share` measures this without a model (about 0.31 at
+0.9 and 0.11 at 0 for mean length 300: at 0 what remains are Zipf draws of items last seen long ago,
+which popularity within the current cluster predicts as well as the far history does).
 
 History lengths are lognormal (heavy-tailed) with mean `mean_len`, clipped to [min_len, max_len].
 Scale: generation is a Python loop over events at about 300,000 events a second; 1,000 users of mean
@@ -78,8 +78,8 @@ def generate(
 ) -> Dataset:
     """A deterministic (by `seed`) synthetic dataset; see the module docstring for the process.
 
-    window:     recency horizon: ordinary sessions only use items seen within the last `window` events
-                (or new ones), and sessions are at most window // 2 long
+    window:     recency horizon: returns go to favourites not seen within the last `window` events, and
+                ordinary sessions are at most window // 2 long
     favourites: items per user that return sessions go back to; more favourites than a window's worth
                 of returns, so that some are always far-history only
     return_len: mean length of a return session (geometric, at most the favourites not seen recently)
