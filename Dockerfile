@@ -15,6 +15,7 @@ WORKDIR /app
 RUN pip install --index-url https://download.pytorch.org/whl/cpu "torch>=2.2"
 
 COPY pyproject.toml README.md ./
+COPY kvrec ./kvrec
 COPY models ./models
 COPY compression ./compression
 COPY server ./server

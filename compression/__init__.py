@@ -6,11 +6,11 @@
     state = decode_state(blob, pipeline, fingerprint)  # dense fp32 again
 """
 
-from compression.base import PolicyContext
-from compression.codec import BlobError, CorruptBlobError, ForeignBlobError, decode_state, encode_state
-from compression.pipeline import Pipeline
-from compression.registry import all_policies
-from compression.spec import PolicyError, parse_policy
+from kvrec.compression.base import PolicyContext
+from kvrec.compression.codec import BlobError, CorruptBlobError, ForeignBlobError, decode_state, encode_state
+from kvrec.compression.pipeline import Pipeline
+from kvrec.compression.registry import all_policies
+from kvrec.compression.spec import PolicyError, parse_policy
 
 __all__ = ["BlobError", "CorruptBlobError", "ForeignBlobError", "Pipeline", "PolicyContext", "PolicyError",
            "decode_state", "encode_state", "all_policies", "parse_policy"]

@@ -13,12 +13,11 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from kvrec.models.state import Events, State
 from torch import Tensor
 
-from models.state import Events, State
-
 if TYPE_CHECKING:
-    from models.recommender import SequentialRecommender
+    from kvrec.models.recommender import SequentialRecommender
 
 
 class PolicyError(ValueError):

@@ -17,14 +17,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from kvrec.compression.base import PolicyContext
+from kvrec.compression.codec import decode_state, encode_state
+from kvrec.compression.pipeline import Pipeline
+from kvrec.compression.spec import parse_policy
+from kvrec.models.metrics import rank_of_targets
+from kvrec.models.state import Events, State
 from torch import Tensor
-
-from compression.base import PolicyContext
-from compression.codec import decode_state, encode_state
-from compression.pipeline import Pipeline
-from compression.spec import parse_policy
-from models.metrics import rank_of_targets
-from models.state import Events, State
 
 REFERENCE = "full"
 
@@ -178,10 +177,9 @@ def run_offline(checkpoint, dataset, specs: list[str], *, events_per_request: in
     `checkpoint` is a models.checkpoint.Checkpoint; `svd` bases are fitted on the users' prefixes (the
     state the model was trained to build) and saved beside it when missing.
     """
+    from kvrec.models.data import stream_split
+    from kvrec.models.evaluate import has_repeats
     from tqdm import tqdm
-
-    from models.data import stream_split
-    from models.evaluate import has_repeats
 
     streams = dataset if isinstance(dataset, list) else stream_split(dataset, min_prefix=min_prefix, min_future=2)
     streams = [s for s in streams if len(s.future) > events_per_request][:max_users]

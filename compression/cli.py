@@ -29,12 +29,11 @@ def offline(args) -> int:
     import sys
 
     import torch
-
-    from compression.bench import run_offline
-    from compression.report import markdown_table, write_results
-    from compression.spec import PolicyError, describe_policies, parse_policy
-    from models.checkpoint import CheckpointError, load_checkpoint
-    from models.data import load_dataset, stream_split
+    from kvrec.compression.bench import run_offline
+    from kvrec.compression.report import markdown_table, write_results
+    from kvrec.compression.spec import PolicyError, describe_policies, parse_policy
+    from kvrec.models.checkpoint import CheckpointError, load_checkpoint
+    from kvrec.models.data import load_dataset, stream_split
 
     if args.policies.strip() == "list":
         print(describe_policies())

@@ -27,11 +27,10 @@ import warnings
 
 import torch
 import xxhash
+from kvrec.compression.base import Dims
+from kvrec.compression.pipeline import Pipeline
+from kvrec.models.state import State
 from torch import Tensor
-
-from compression.base import Dims
-from compression.pipeline import Pipeline
-from models.state import State
 
 MAGIC = b"KVRS"
 VERSION = 2

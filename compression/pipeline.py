@@ -12,10 +12,9 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 import torch
-
-from compression.base import Policy, Storage
-from compression.selection import TokenPolicy
-from models.state import AttentionStats, State
+from kvrec.compression.base import Policy, Storage
+from kvrec.compression.selection import TokenPolicy
+from kvrec.models.state import AttentionStats, State
 
 
 @dataclass

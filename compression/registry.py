@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from compression.base import Policy
+from kvrec.compression.base import Policy
 
 POLICIES: dict[str, type[Policy]] = {}
 
@@ -16,6 +16,6 @@ def register(cls: type[Policy]) -> type[Policy]:
 
 
 def all_policies() -> dict[str, type[Policy]]:
-    import compression.policies  # noqa: F401  (registers every policy)
+    import kvrec.compression.policies  # noqa: F401  (registers every policy)
 
     return POLICIES

@@ -7,7 +7,7 @@ import json
 import math
 from pathlib import Path
 
-from compression.bench import relative_loss
+from kvrec.compression.bench import relative_loss
 
 COLUMNS = ["policy", "ndcg@10", "hr@10", "gauc", "recall@10", "top10_overlap", "score_mae", "bytes_per_user_mean",
            "bytes_per_user_p50", "bytes_per_user_p99", "bytes_per_user_max", "compression_ratio",

@@ -9,11 +9,10 @@ rather than dropped, `reduce_layer`.
 from __future__ import annotations
 
 import torch
+from kvrec.compression.base import Policy, Storage
+from kvrec.compression.sizing import tokens_for_bytes
+from kvrec.models.state import AttentionStats, State
 from torch import Tensor
-
-from compression.base import Policy, Storage
-from compression.sizing import tokens_for_bytes
-from models.state import AttentionStats, State
 
 DEFAULT_BUDGET = 256
 

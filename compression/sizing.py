@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import math
 
-from compression.base import Dims, Storage
-from models.state import State
+from kvrec.compression.base import Dims, Storage
+from kvrec.models.state import State
 
 HEADER_RESERVE = 1024
 META_BYTES_PER_TOKEN = 4 + 8 + 4  # pos int32, ts int64, weight fp32

@@ -11,10 +11,10 @@ from __future__ import annotations
 import dataclasses
 import typing
 
-from compression.base import Policy, PolicyContext, PolicyError
-from compression.pipeline import Pipeline
-from compression.registry import all_policies
-from compression.selection import TokenPolicy
+from kvrec.compression.base import Policy, PolicyContext, PolicyError
+from kvrec.compression.pipeline import Pipeline
+from kvrec.compression.registry import all_policies
+from kvrec.compression.selection import TokenPolicy
 
 __all__ = ["PolicyError", "parse_policy", "parse_stage", "describe_policies"]
 

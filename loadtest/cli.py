@@ -58,7 +58,7 @@ def register(sub) -> None:
 
 
 def _sweep(args: argparse.Namespace) -> int:
-    from loadtest.sweep import SweepConfig, SweepError, parse_duration, parse_policies, run_sweep
+    from kvrec.loadtest.sweep import SweepConfig, SweepError, parse_duration, parse_policies, run_sweep
 
     try:
         cfg = SweepConfig(
@@ -76,8 +76,8 @@ def _sweep(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from loadtest.demo import run_demo
-    from loadtest.sweep import SweepError, parse_duration
+    from kvrec.loadtest.demo import run_demo
+    from kvrec.loadtest.sweep import SweepError, parse_duration
 
     try:
         run_demo(args.out, duration_s=parse_duration(args.duration), train_minutes=args.train_minutes)

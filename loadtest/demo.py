@@ -17,10 +17,10 @@ POLICIES = ["full", "int8", "kivi:bits=2", "h2o:budget=64", "recompute"]
 
 def train_model(dataset: str, out: Path, max_minutes: float) -> Path:
     """A small HSTU (the design card's 2 layers x 2 heads x (32 + 32)) trained on `dataset`."""
-    from models.checkpoint import save_checkpoint
-    from models.data import load_dataset
-    from models.recommender import ModelConfig
-    from models.train import TrainConfig, train
+    from kvrec.models.checkpoint import save_checkpoint
+    from kvrec.models.data import load_dataset
+    from kvrec.models.recommender import ModelConfig
+    from kvrec.models.train import TrainConfig, train
 
     ds = load_dataset(dataset)
     model_cfg = ModelConfig(kind="hstu", dim=64, layers=2, heads=2, d_k=32, d_v=32, max_len=200)
@@ -33,7 +33,7 @@ def train_model(dataset: str, out: Path, max_minutes: float) -> Path:
 
 
 def run_demo(out: Path, *, duration_s: float = 20.0, train_minutes: float = 2.5) -> list[dict]:
-    from loadtest.sweep import SweepConfig, run_sweep
+    from kvrec.loadtest.sweep import SweepConfig, run_sweep
 
     started = time.time()
     out.mkdir(parents=True, exist_ok=True)

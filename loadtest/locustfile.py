@@ -20,23 +20,15 @@ each worker builds a pool over its partition only, so no dataset user is replaye
 from __future__ import annotations
 
 import logging
-import sys
 from dataclasses import dataclass
-from pathlib import Path
 
 import gevent
+from kvrec.loadtest.options import ReplayOptions, add_arguments
+from kvrec.loadtest.records import RecordWriter, record_of, worker_path
+from kvrec.loadtest.streams import Lease, ReplaySource, StreamPool, load_source, partition, plan_requests
+from kvrec.loadtest.warmup import warm_up
 from locust import HttpUser, events, task
 from locust.runners import MasterRunner, WorkerRunner
-
-try:
-    import loadtest  # noqa: F401
-except ImportError:  # `locust -f loadtest/locustfile.py` from an uninstalled checkout: Locust only
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # puts loadtest/ itself on the path
-
-from loadtest.options import ReplayOptions, add_arguments
-from loadtest.records import RecordWriter, record_of, worker_path
-from loadtest.streams import Lease, ReplaySource, StreamPool, load_source, partition, plan_requests
-from loadtest.warmup import warm_up
 
 # The imports above take seconds (torch, via models.data) while gevent's loop sits idle with the clock
 # it read when Locust started; a timer set from that stale clock, like the one for `-t`, fires early.

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass, fields
 
-from loadtest.streams import Pacing
+from kvrec.loadtest.streams import Pacing
 
 
 def _at_least(low: float, kind=int):

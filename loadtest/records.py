@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from models.metrics import ndcg_of_list
+from kvrec.models.metrics import ndcg_of_list
 
 K = 10
 

@@ -6,18 +6,9 @@ finds in the locustfile, and the plain replay must keep `-u/-r/-t`. Load only th
 and locustfile.py together (the replay's hooks would be registered twice).
 """
 
-import sys
-from pathlib import Path
-
+from kvrec.loadtest.locustfile import ReplayUser  # noqa: F401  (the user class Locust runs)
+from kvrec.loadtest.options import ReplayOptions
 from locust import LoadTestShape
-
-try:
-    import loadtest  # noqa: F401
-except ImportError:  # uninstalled checkout: Locust only puts loadtest/ itself on the path
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from loadtest.locustfile import ReplayUser  # noqa: F401  (the user class Locust runs)
-from loadtest.options import ReplayOptions
 
 
 class StepLoadShape(LoadTestShape):

@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 
 # Imported here, not lazily: torch's import takes seconds, and a Locust worker that first imports it
 # inside test_start stops answering its master's heartbeats for that long.
-from models.data import load_dataset, stream_split
-from models.evaluate import has_repeats
+from kvrec.models.data import load_dataset, stream_split
+from kvrec.models.evaluate import has_repeats
 
 
 @dataclass(frozen=True)

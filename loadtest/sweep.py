@@ -26,10 +26,10 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from loadtest import report
-from loadtest.records import read_records
-from loadtest.streams import ReplaySource, load_source
-from loadtest.warmup import warm_up
+from kvrec.loadtest import report
+from kvrec.loadtest.records import read_records
+from kvrec.loadtest.streams import ReplaySource, load_source
+from kvrec.loadtest.warmup import warm_up
 
 ROOT = Path(__file__).resolve().parents[1]
 LOCUSTFILE = Path(__file__).resolve().with_name("locustfile.py")
@@ -111,7 +111,7 @@ class Redis:
     removed afterwards), or the one at `url`, where the sweep only ever touches its own key prefixes."""
 
     def __init__(self, url: str | None, workdir: Path):
-        from server.embedded_redis import EmbeddedRedis, EmbeddedRedisError
+        from kvrec.server.embedded_redis import EmbeddedRedis, EmbeddedRedisError
 
         self.embedded: EmbeddedRedis | None = None
         if url is None:
@@ -174,7 +174,7 @@ class Server:
     def __init__(self, cfg: SweepConfig, policy: str, redis_url: str, prefix: str, log: Path):
         self.url = f"http://127.0.0.1:{_free_port()}"
         self.log = log
-        cmd = [sys.executable, "-m", "server.cli", "serve", "--model", str(cfg.model), "--policy", policy,
+        cmd = [sys.executable, "-m", "kvrec.cli", "serve", "--model", str(cfg.model), "--policy", policy,
                "--host", "127.0.0.1", "--port", self.url.rsplit(":", 1)[1], "--redis-url", redis_url,
                "--workers", str(cfg.server_workers), "--key-prefix", prefix, "--log-level", "warning"]
         self.proc = subprocess.Popen(cmd, cwd=ROOT, env=_child_env(),

@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from urllib.parse import quote
 
-from loadtest.streams import UserStream
+from kvrec.loadtest.streams import UserStream
 
 
 class WarmupError(RuntimeError):

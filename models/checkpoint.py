@@ -14,10 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from kvrec.models.recommender import ModelConfig, SequentialRecommender
+from kvrec.models.registry import build_model
 from safetensors.torch import load_file, save_file
-
-from models.recommender import ModelConfig, SequentialRecommender
-from models.registry import build_model
 
 FORMAT = "kvrec-model-1"
 

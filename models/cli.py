@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from models import data_cli
+from kvrec.models import data_cli
 
 TRAIN_HELP = """Train HSTU or SASRec on a dataset's leave-one-out split (sampled softmax, AdamW, early stopping
 on validation NDCG@10) and write one safetensors checkpoint holding weights, config, the item-id map and
@@ -71,11 +71,10 @@ def default_device(requested: str | None) -> str:
 
 def cmd_train(args) -> int:
     import torch
-
-    from models.checkpoint import save_checkpoint
-    from models.data import load_dataset
-    from models.recommender import ModelConfig
-    from models.train import TrainConfig, train
+    from kvrec.models.checkpoint import save_checkpoint
+    from kvrec.models.data import load_dataset
+    from kvrec.models.recommender import ModelConfig
+    from kvrec.models.train import TrainConfig, train
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -96,9 +95,9 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from models.checkpoint import load_checkpoint
-    from models.data import leave_one_out, load_dataset
-    from models.evaluate import evaluate
+    from kvrec.models.checkpoint import load_checkpoint
+    from kvrec.models.data import leave_one_out, load_dataset
+    from kvrec.models.evaluate import evaluate
 
     ckpt = load_checkpoint(args.model, device=default_device(args.device))
     dataset = load_dataset(args.dataset, min_len=args.min_len)

@@ -31,8 +31,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
-from models.state import Events
+from kvrec.models.state import Events
 
 FORMATS = ("movielens-csv", "movielens-dat", "lines", "pairs", "csv")
 _DIR_CANDIDATES = ("ratings.csv", "ratings.dat", "events.csv", "*.txt")
@@ -178,7 +177,7 @@ def load_dataset(
     """
     text = str(source)
     if text.startswith("synth") and not Path(text).exists():
-        from models import synth
+        from kvrec.models import synth
 
         return synth.from_spec(text)
     path, name = _resolve(text)

@@ -58,7 +58,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _fetch(args: argparse.Namespace) -> int:
-    from models.fetch import fetch_movielens
+    from kvrec.models.fetch import fetch_movielens
 
     name = args.name.removeprefix("movielens-")
     name = name if name.startswith("ml-") else f"ml-{name}"
@@ -72,8 +72,8 @@ def _fetch(args: argparse.Namespace) -> int:
 
 
 def _synth(args: argparse.Namespace) -> int:
-    from models.data import save_events_csv
-    from models.synth import generate
+    from kvrec.models.data import save_events_csv
+    from kvrec.models.synth import generate
 
     params = dict(
         users=args.users, items=args.items, mean_len=args.mean_len, max_len=args.max_len,
@@ -89,7 +89,7 @@ def _synth(args: argparse.Namespace) -> int:
 
 
 def _stats(args: argparse.Namespace) -> int:
-    from models.data import load_dataset
+    from kvrec.models.data import load_dataset
 
     try:
         ds = load_dataset(args.source, min_len=args.min_len)

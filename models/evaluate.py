@@ -7,11 +7,10 @@ a cap on B x L x L so that long histories do not exhaust memory.
 from __future__ import annotations
 
 import torch
+from kvrec.models.data import EvalCase
+from kvrec.models.metrics import ndcg_gains, rank_of_targets, summarize
+from kvrec.models.recommender import SequentialRecommender
 from torch import Tensor
-
-from models.data import EvalCase
-from models.metrics import ndcg_gains, rank_of_targets, summarize
-from models.recommender import SequentialRecommender
 
 PAIR_BUDGET = 8_000_000  # B x L x L attention entries per batch
 

@@ -15,9 +15,8 @@ import math
 
 import torch
 import torch.nn.functional as F
+from kvrec.models.recommender import Block, ModelConfig, SequentialRecommender, log_bucket, time_bucket
 from torch import Tensor, nn
-
-from models.recommender import Block, ModelConfig, SequentialRecommender, log_bucket, time_bucket
 
 # The normalising constant stops growing at 256 events: LayerNorm follows, so a larger constant changes
 # nothing but pushes short contexts under its epsilon (a model trained on 10,000-event windows divided

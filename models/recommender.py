@@ -15,9 +15,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
+from kvrec.models.state import AttentionStats, Events, State
 from torch import Tensor, nn
-
-from models.state import AttentionStats, Events, State
 
 
 @dataclass

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from models.hstu import HSTU
-from models.recommender import ModelConfig, SequentialRecommender
-from models.sasrec import SASRec
+from kvrec.models.hstu import HSTU
+from kvrec.models.recommender import ModelConfig, SequentialRecommender
+from kvrec.models.sasrec import SASRec
 
 MODELS = {"hstu": HSTU, "sasrec": SASRec}
 

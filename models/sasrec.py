@@ -11,9 +11,8 @@ from __future__ import annotations
 import math
 
 import torch
+from kvrec.models.recommender import Block, ModelConfig, SequentialRecommender
 from torch import Tensor, nn
-
-from models.recommender import Block, ModelConfig, SequentialRecommender
 
 
 def rotate(x: Tensor, pos: Tensor, base: float = 10000.0) -> Tensor:

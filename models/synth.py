@@ -42,8 +42,7 @@ import bisect
 import inspect
 
 import numpy as np
-
-from models.data import Dataset, build_dataset
+from kvrec.models.data import Dataset, build_dataset
 
 PRESETS: dict[str, dict] = {
     "synth-long": dict(users=300, items=1500, mean_len=1050, long_range=0.8, seed=0),

@@ -17,13 +17,12 @@ from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.nn.functional as F
+from kvrec.models.data import Dataset, leave_one_out
+from kvrec.models.evaluate import evaluate, has_repeats, pad_left
+from kvrec.models.recommender import ModelConfig, SequentialRecommender, time_bucket
+from kvrec.models.registry import build_model
+from kvrec.models.state import Events
 from tqdm import tqdm
-
-from models.data import Dataset, leave_one_out
-from models.evaluate import evaluate, has_repeats, pad_left
-from models.recommender import ModelConfig, SequentialRecommender, time_bucket
-from models.registry import build_model
-from models.state import Events
 
 
 @dataclass

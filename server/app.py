@@ -1,6 +1,6 @@
 """The FastAPI application: endpoints, lifespan, error mapping and the metrics middleware.
 
-`create_app()` is the factory that uvicorn imports in every worker process (`server.app:create_app`,
+`create_app()` is the factory that uvicorn imports in every worker process (`kvrec.server.app:create_app`,
 `factory=True`), so all configuration comes from the environment through `Settings`. The lifespan loads
 the model and opens the one Redis connection pool; handlers receive the pipeline, the metrics recorder
 and the Redis client as dependencies, from the lifespan state.
@@ -16,13 +16,10 @@ import anyio
 import redis.asyncio as redis
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse
-from redis.asyncio.retry import Retry
-from redis.backoff import ExponentialBackoff
-
-from server.engine import Engine
-from server.metrics import MetricsRecorder
-from server.pipeline import InputError, RankingPipeline, Served
-from server.schemas import (
+from kvrec.server.engine import Engine
+from kvrec.server.metrics import MetricsRecorder
+from kvrec.server.pipeline import InputError, RankingPipeline, Served
+from kvrec.server.schemas import (
     DeleteResponse,
     HistoryRequest,
     HistoryResponse,
@@ -32,8 +29,10 @@ from server.schemas import (
     ScoredItem,
     StateInfo,
 )
-from server.settings import Settings
-from server.store import UserStore
+from kvrec.server.settings import Settings
+from kvrec.server.store import UserStore
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
 
 log = logging.getLogger("kvrec.server")
 

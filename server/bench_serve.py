@@ -21,25 +21,24 @@ import time
 import uuid
 
 import torch
-
-from models.checkpoint import Checkpoint, CheckpointError, load_checkpoint, model_fingerprint
-from models.recommender import ModelConfig
-from models.registry import build_model
-from server.app import connect_redis
-from server.embedded_redis import EmbeddedRedis, EmbeddedRedisError
-from server.engine import Engine
-from server.metrics import STAGES
-from server.pipeline import RankingPipeline
-from server.schemas import Event, RecommendRequest
-from server.settings import Settings
-from server.store import UserStore
+from kvrec.models.checkpoint import Checkpoint, CheckpointError, load_checkpoint, model_fingerprint
+from kvrec.models.recommender import ModelConfig
+from kvrec.models.registry import build_model
+from kvrec.server.app import connect_redis
+from kvrec.server.embedded_redis import EmbeddedRedis, EmbeddedRedisError
+from kvrec.server.engine import Engine
+from kvrec.server.metrics import STAGES
+from kvrec.server.pipeline import RankingPipeline
+from kvrec.server.schemas import Event, RecommendRequest
+from kvrec.server.settings import Settings
+from kvrec.server.store import UserStore
 
 USERS_PER_CELL = 3
 UNTRAINED_ITEMS = 10_000
 
 
 def main(args: argparse.Namespace) -> int:
-    from compression.spec import PolicyError, parse_policy
+    from kvrec.compression.spec import PolicyError, parse_policy
 
     try:
         lengths = [int(x) for x in args.lengths.split(",") if x.strip()]

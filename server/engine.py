@@ -11,14 +11,13 @@ import time
 from dataclasses import dataclass, field
 
 import torch
+from kvrec.compression.codec import BlobError, decode_state, encode_state
+from kvrec.compression.spec import PolicyContext, parse_policy
+from kvrec.models.checkpoint import Checkpoint, load_checkpoint
+from kvrec.models.state import Events, State
+from kvrec.server.settings import Settings
+from kvrec.server.store import Loaded, unpack_event
 from torch import Tensor
-
-from compression.codec import BlobError, decode_state, encode_state
-from compression.spec import PolicyContext, parse_policy
-from models.checkpoint import Checkpoint, load_checkpoint
-from models.state import Events, State
-from server.settings import Settings
-from server.store import Loaded, unpack_event
 
 
 @dataclass

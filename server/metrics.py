@@ -20,10 +20,9 @@ import time
 from collections import Counter
 
 import redis.asyncio as redis
-
-from server.engine import Engine
-from server.pipeline import RequestSample
-from server.settings import Settings
+from kvrec.server.engine import Engine
+from kvrec.server.pipeline import RequestSample
+from kvrec.server.settings import Settings
 
 STAGES = ("append", "load", "decode", "extend", "compress", "encode", "store", "score")
 SAMPLE_FIELDS = ("total", *STAGES)

@@ -22,11 +22,10 @@ from dataclasses import dataclass
 
 import anyio
 import torch
-
-from server.engine import Computed, Engine, NeedFullLog, Work
-from server.schemas import Event, RecommendRequest
-from server.settings import Settings
-from server.store import Loaded, TimestampError, UserStore
+from kvrec.server.engine import Computed, Engine, NeedFullLog, Work
+from kvrec.server.schemas import Event, RecommendRequest
+from kvrec.server.settings import Settings
+from kvrec.server.store import Loaded, TimestampError, UserStore
 
 ACCURACY_AT = 10
 

@@ -64,8 +64,7 @@ def serve(args: argparse.Namespace) -> int:
         return 2
 
     import uvicorn
-
-    from server.embedded_redis import EmbeddedRedis, EmbeddedRedisError
+    from kvrec.server.embedded_redis import EmbeddedRedis, EmbeddedRedisError
 
     # uvicorn re-raises SIGTERM after its graceful shutdown; make that an exception, so `finally` runs
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
@@ -88,7 +87,7 @@ def serve(args: argparse.Namespace) -> int:
         os.environ.update(env)  # the workers build their Settings from the environment
         # a worker answers uvicorn's health ping from a thread, which can wait for the GIL for seconds
         # while torch imports or a long history is recomputed; uvicorn's 5 s default kills such workers
-        uvicorn.run("server.app:create_app", factory=True, host=args.host, port=args.port,
+        uvicorn.run("kvrec.server.app:create_app", factory=True, host=args.host, port=args.port,
                     workers=args.workers, log_level=args.log_level, timeout_worker_healthcheck=60)
     finally:
         if embedded is not None:
@@ -98,8 +97,8 @@ def serve(args: argparse.Namespace) -> int:
 
 def check_model_and_policy(model: str, policy: str) -> str | None:
     """The operator's error, or None: the checkpoint must load and the spec must parse for it."""
-    from compression.spec import PolicyContext, PolicyError, parse_policy
-    from models.checkpoint import CheckpointError, load_checkpoint
+    from kvrec.compression.spec import PolicyContext, PolicyError, parse_policy
+    from kvrec.models.checkpoint import CheckpointError, load_checkpoint
 
     try:
         checkpoint = load_checkpoint(model)
@@ -114,6 +113,6 @@ def _exit_on_sigterm(signum, frame) -> None:
 
 
 def bench_serve(args: argparse.Namespace) -> int:
-    from server.bench_serve import main
+    from kvrec.server.bench_serve import main
 
     return main(args)

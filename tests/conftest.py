@@ -12,10 +12,9 @@ import httpx
 import pytest
 import redis
 import torch
-
-from models.checkpoint import save_checkpoint
-from models.recommender import ModelConfig
-from models.registry import build_model
+from kvrec.models.checkpoint import save_checkpoint
+from kvrec.models.recommender import ModelConfig
+from kvrec.models.registry import build_model
 
 # Tests use tiny tensors: one intra-op thread, so that a busy 2-core machine does not spin idle workers.
 torch.set_num_threads(1)
@@ -78,7 +77,7 @@ def shared_redis(key_prefix) -> Iterator[redis.Redis]:
 @pytest.fixture
 def private_redis() -> Iterator:
     """A redis-server of this test's own on a free port, which the test may stop and start again."""
-    from server.embedded_redis import EmbeddedRedis
+    from kvrec.server.embedded_redis import EmbeddedRedis
 
     server = EmbeddedRedis().start()
     yield server
@@ -88,7 +87,7 @@ def private_redis() -> Iterator:
 @pytest.fixture
 def make_settings(tiny_checkpoint, key_prefix) -> Callable:
     """Settings for the tiny model on the shared Redis under this test's prefix; keywords override."""
-    from server.settings import Settings
+    from kvrec.server.settings import Settings
 
     def make(**overrides) -> Settings:
         values = dict(model=tiny_checkpoint, policy="full", redis_url=SHARED_REDIS_URL, key_prefix=key_prefix)
@@ -102,7 +101,7 @@ def make_settings(tiny_checkpoint, key_prefix) -> Callable:
 async def running_client(settings) -> AsyncIterator[httpx.AsyncClient]:
     """An httpx client of the app in this process, with its lifespan run as uvicorn would (startup,
     lifespan state handed to each request, shutdown)."""
-    from server.app import create_app
+    from kvrec.server.app import create_app
 
     app = create_app(settings)
     async with app.router.lifespan_context(app) as state:

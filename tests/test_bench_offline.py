@@ -6,13 +6,13 @@ import json
 
 import pytest
 import torch
+from kvrec.compression.bench import attention_macs, prefill_macs, run_offline
+from kvrec.models.checkpoint import load_checkpoint, save_checkpoint
+from kvrec.models.data import load_dataset, stream_split
+from kvrec.models.recommender import ModelConfig
+from kvrec.models.registry import build_model
 
-from compression.bench import attention_macs, prefill_macs, run_offline
-from models.checkpoint import load_checkpoint, save_checkpoint
-from models.data import load_dataset, stream_split
-from models.recommender import ModelConfig
-from models.registry import build_model
-from server.cli import main
+from kvrec.cli import main
 
 DATASET = "synth-short:users=12,mean_len=60"
 SPECS = ["full", "recompute", "window:budget=16", "h2o:budget=16,recent=4+int8", "kivi:bits=2,residual=8,group=8",

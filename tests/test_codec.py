@@ -6,8 +6,7 @@ import struct
 
 import pytest
 import torch
-
-from compression import (
+from kvrec.compression import (
     BlobError,
     CorruptBlobError,
     ForeignBlobError,
@@ -15,10 +14,10 @@ from compression import (
     encode_state,
     parse_policy,
 )
-from compression.codec import PREFIX, read_header
-from models.recommender import ModelConfig
-from models.registry import build_model
-from models.state import Events
+from kvrec.compression.codec import PREFIX, read_header
+from kvrec.models.recommender import ModelConfig
+from kvrec.models.registry import build_model
+from kvrec.models.state import Events
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +60,7 @@ def test_blob_size_is_tensor_bytes_plus_a_small_header(state):
 def test_per_layer_metadata_and_extras_are_kept(state):
     pipeline = parse_policy("h2o:budget=10,recent=2")
     received = [torch.rand(2, 40), torch.rand(2, 40)]
-    from models.state import AttentionStats
+    from kvrec.models.state import AttentionStats
 
     small = pipeline.compress(state, AttentionStats(received, [r[:, None] for r in received]))
     assert small.pos[0].tolist() != small.pos[1].tolist()  # each layer kept its own heavy hitters

@@ -3,7 +3,7 @@
 The file must parse, its services must reference each other and their volumes consistently, the
 Redis eviction setting must never reach event logs, and every command a container runs must be a real
 `kvrec` or `locust` invocation: each one is parsed here by the real argument parser (`kvrec`'s from
-`server.cli.build_parser`, Locust's with the replay's options registered, in a subprocess because
+`kvrec.cli.build_parser`, Locust's with the replay's options registered, in a subprocess because
 importing Locust monkey-patches the interpreter). The same commands run for real outside Docker in
 tests/test_loadtest_locustfile.py (master and workers) and tests/test_loadtest_sweep.py (serve).
 """
@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import tomllib
 
 yaml = pytest.importorskip("yaml")
 
@@ -85,7 +86,7 @@ def test_redis_can_evict_states_but_never_event_logs(compose):
 
 
 def test_kvrec_commands_parse_with_the_real_cli(compose):
-    from server.cli import build_parser
+    from kvrec.cli import build_parser
 
     found = commands(compose, "kvrec")
     assert set(found) == {"train", "api"}
@@ -118,9 +119,12 @@ def test_locust_commands_parse_with_locusts_parser_and_the_replay_options(compos
 
 def test_dockerfile_installs_every_package_the_project_declares():
     dockerfile = (ROOT / "Dockerfile").read_text()
-    packages = yaml.safe_load("x: " + re.search(r"packages = (\[.*\])", (ROOT / "pyproject.toml").read_text())[1])
-    for pkg in packages["x"]:
-        assert f"COPY {pkg} ./{pkg}" in dockerfile
+    setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    dirs = setuptools["package-dir"]
+    folders = {dirs.get(pkg, pkg.replace(".", "/")).split("/")[0] for pkg in setuptools["packages"]}
+    assert folders == {"kvrec", "models", "compression", "server", "loadtest"}
+    for folder in folders:
+        assert f"COPY {folder} ./{folder}" in dockerfile
     assert "pip install ." in dockerfile and "EXPOSE 8000 8089" in dockerfile
     ignored = (ROOT / ".dockerignore").read_text().split()
     assert ".venv" in ignored and ".git" in ignored

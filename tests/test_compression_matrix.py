@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from compression import PolicyContext, all_policies, decode_state, encode_state, parse_policy
-from models.recommender import ModelConfig
-from models.registry import build_model
-from models.state import Events
+from kvrec.compression import PolicyContext, all_policies, decode_state, encode_state, parse_policy
+from kvrec.models.recommender import ModelConfig
+from kvrec.models.registry import build_model
+from kvrec.models.state import Events
 
 BUDGET = 24
 # every registered policy at a budget below the 60-event history (storage policies need no budget)

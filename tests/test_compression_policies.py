@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import torch
-
-from compression import PolicyContext, decode_state, encode_state, parse_policy
-from compression.policies.lowrank import fit_svd_bases
-from models.recommender import ModelConfig
-from models.registry import build_model
-from models.state import AttentionStats, Events, State
+from kvrec.compression import PolicyContext, decode_state, encode_state, parse_policy
+from kvrec.compression.policies.lowrank import fit_svd_bases
+from kvrec.models.recommender import ModelConfig
+from kvrec.models.registry import build_model
+from kvrec.models.state import AttentionStats, Events, State
 
 H, D = 2, 8
 FP = "fp"

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import pytest
-
-from compression import PolicyError, all_policies, parse_policy
+from kvrec.compression import PolicyError, all_policies, parse_policy
 
 
 @pytest.mark.parametrize("spec, canonical", [

@@ -6,9 +6,8 @@ import argparse
 
 import pytest
 import torch
-
-from models import data_cli
-from models.data import (
+from kvrec.models import data_cli
+from kvrec.models.data import (
     DataError,
     build_dataset,
     datasets_root,

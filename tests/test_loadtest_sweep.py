@@ -6,20 +6,19 @@ from __future__ import annotations
 import json
 
 import pytest
-
-from loadtest import report
-from loadtest.records import read_records
-from loadtest.sweep import SweepConfig, SweepError, parse_duration, parse_policies, run_sweep
+from kvrec.loadtest import report
+from kvrec.loadtest.records import read_records
+from kvrec.loadtest.sweep import SweepConfig, SweepError, parse_duration, parse_policies, run_sweep
 
 DATASET = "synth-short:users=12,mean_len=40"
 
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
-    from models.checkpoint import save_checkpoint
-    from models.data import load_dataset
-    from models.recommender import ModelConfig
-    from models.registry import build_model
+    from kvrec.models.checkpoint import save_checkpoint
+    from kvrec.models.data import load_dataset
+    from kvrec.models.recommender import ModelConfig
+    from kvrec.models.registry import build_model
 
     ds = load_dataset(DATASET)
     model = build_model(ModelConfig(kind="hstu", num_items=ds.num_items, dim=16, heads=2, d_k=8, d_v=8,

@@ -15,12 +15,11 @@ from contextlib import contextmanager
 import httpx
 import pytest
 import redis
-
-from server.embedded_redis import free_port
+from kvrec.server.embedded_redis import free_port
 
 pytestmark = [pytest.mark.redis, pytest.mark.slow]
 
-KVREC = [sys.executable, "-m", "server.cli"]
+KVREC = [sys.executable, "-m", "kvrec.cli"]
 
 
 def clean_env(**extra: str) -> dict:

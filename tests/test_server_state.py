@@ -8,8 +8,7 @@ import random
 
 import pytest
 import redis.asyncio as aioredis
-
-from server.store import UserStore, unpack_event
+from kvrec.server.store import UserStore, unpack_event
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.redis]
 

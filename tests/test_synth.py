@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
-from models import synth
-from models.data import load_dataset
+from kvrec.models import synth
+from kvrec.models.data import load_dataset
 
 SMALL = dict(users=120, items=1000, mean_len=300)
 

@@ -6,15 +6,15 @@ import random
 import numpy as np
 import pytest
 import torch
+from kvrec.models.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from kvrec.models.data import build_dataset, leave_one_out
+from kvrec.models.evaluate import evaluate, popularity_ranks
+from kvrec.models.metrics import ndcg, rank_of_targets
+from kvrec.models.recommender import ModelConfig
+from kvrec.models.registry import build_model
+from kvrec.models.train import TrainConfig, length_batches, train, windows
 
-from models.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from models.data import build_dataset, leave_one_out
-from models.evaluate import evaluate, popularity_ranks
-from models.metrics import ndcg, rank_of_targets
-from models.recommender import ModelConfig
-from models.registry import build_model
-from models.train import TrainConfig, length_batches, train, windows
-from server.cli import main as kvrec
+from kvrec.cli import main as kvrec
 
 
 def cyclic_dataset(users: int = 40, items: int = 20, length: int = 30):
@@ -46,7 +46,7 @@ def test_metrics_from_ranks():
 
 
 def test_windows_cut_from_the_end():
-    from models.state import Events
+    from kvrec.models.state import Events
 
     seq = Events.of(range(45))
     wins = windows([seq], max_len=20)
@@ -56,7 +56,7 @@ def test_windows_cut_from_the_end():
 
 
 def test_length_batches_hold_the_pair_budget():
-    from models.state import Events
+    from kvrec.models.state import Events
 
     wins = [Events.of(range(n)) for n in [5] * 40 + [30, 31, 60, 100, 1000]]
     batches = length_batches(wins, batch_size=16, rng=random.Random(0), pair_budget=4000)
@@ -118,8 +118,8 @@ def test_checkpoint_errors(tmp_path):
 
 
 def test_popularity_baseline_ranks_by_count():
-    from models.data import EvalCase
-    from models.state import Events
+    from kvrec.models.data import EvalCase
+    from kvrec.models.state import Events
 
     train_seqs = [Events.of([0, 0, 0, 1, 1, 2])]
     cases = [EvalCase(0, Events.of([2]), target, 0) for target in (0, 1, 2)]
@@ -147,8 +147,8 @@ def test_cli_train_then_eval(tmp_path, capsys):
 
 def test_last_hidden_is_the_same_batched_or_prefilled(monkeypatch):
     """Evaluation batches short histories and prefills long ones in chunks: both give each user's hidden."""
-    from models import evaluate as ev
-    from models.state import Events
+    from kvrec.models import evaluate as ev
+    from kvrec.models.state import Events
 
     model = build_model(ModelConfig(**{**TINY.to_dict(), "num_items": 30})).eval()
     seqs = [Events.of(torch.randint(0, 30, (n,)), torch.arange(n) * 100) for n in (3, 40, 12, 25)]

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from kvrec.compression.base import Dims, Policy, Storage
+from kvrec.compression.registry import register
+from kvrec.models.state import State
 from torch import Tensor
-
-from compression.base import Dims, Policy, Storage
-from compression.registry import register
-from models.state import State
 
 
 @register

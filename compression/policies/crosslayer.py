@@ -6,12 +6,11 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from kvrec.compression.base import Dims, Storage
+from kvrec.compression.policies.lowrank import FLOAT_TYPES, float_type
+from kvrec.compression.registry import register
+from kvrec.models.state import State
 from torch import Tensor
-
-from compression.base import Dims, Storage
-from compression.policies.lowrank import FLOAT_TYPES, float_type
-from compression.registry import register
-from models.state import State
 
 
 @register

@@ -7,12 +7,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from kvrec.compression.base import Dims, PolicyContext, PolicyError, Storage
+from kvrec.compression.registry import register
+from kvrec.models.state import Events, State
 from safetensors.torch import load_file, save_file
 from torch import Tensor
-
-from compression.base import Dims, PolicyContext, PolicyError, Storage
-from compression.registry import register
-from models.state import Events, State
 
 FLOAT_TYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 

@@ -12,11 +12,10 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from kvrec.compression.registry import register
+from kvrec.compression.selection import TokenPolicy, recent_plus_top
+from kvrec.models.state import AttentionStats, State
 from torch import Tensor
-
-from compression.registry import register
-from compression.selection import TokenPolicy, recent_plus_top
-from models.state import AttentionStats, State
 
 
 def fold(state: State, layer: int, group: Tensor, groups: int) -> None:

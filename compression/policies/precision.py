@@ -11,12 +11,11 @@ import math
 from dataclasses import dataclass
 
 import torch
+from kvrec.compression.base import Dims, Storage
+from kvrec.compression.quant import FP16_MAX, absmax_scale, dequantize_asym, pack_bits, quantize_asym, unpack_bits
+from kvrec.compression.registry import register
+from kvrec.models.state import State
 from torch import Tensor
-
-from compression.base import Dims, Storage
-from compression.quant import FP16_MAX, absmax_scale, dequantize_asym, pack_bits, quantize_asym, unpack_bits
-from compression.registry import register
-from models.state import State
 
 FP8_MAX = 448.0  # largest finite float8 e4m3fn
 

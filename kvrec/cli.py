@@ -9,10 +9,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from compression import cli as compression_cli
-from loadtest import cli as loadtest_cli
-from models import cli as models_cli
-from server import serve_cli
+from kvrec.compression import cli as compression_cli
+from kvrec.loadtest import cli as loadtest_cli
+from kvrec.models import cli as models_cli
+from kvrec.server import serve_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
