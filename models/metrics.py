@@ -41,6 +41,20 @@ def rank_of_targets(scores: Tensor, targets: Tensor, exclude: list[Tensor] | Non
     return (scores > target_scores).sum(1)
 
 
+def percentile(values, q: float) -> float:
+    """Percentile q (0..100) of an unsorted sequence, interpolating linearly between the two nearest ranks like
+    numpy's default, so /metrics, the reports and the benchmarks agree on what p99 means. Empty input has no
+    percentile: callers decide what to show (ValueError here, rather than a silent 0 that reads as a measurement)."""
+    if not 0 <= q <= 100:
+        raise ValueError(f"percentile q must be in 0..100, got {q}")
+    xs = sorted(values)
+    if not xs:
+        raise ValueError("percentile of an empty sequence")
+    pos = (len(xs) - 1) * q / 100
+    lo, hi = math.floor(pos), math.ceil(pos)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
 def summarize(ranks: Tensor, prefix: str = "") -> dict[str, float]:
     return {f"{prefix}hr@10": hit_rate(ranks, 10), f"{prefix}ndcg@10": ndcg(ranks, 10),
             f"{prefix}hr@50": hit_rate(ranks, 50), f"{prefix}ndcg@50": ndcg(ranks, 50)}
