@@ -21,22 +21,18 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 from pathlib import Path
+
+from kvrec.models.metrics import percentile
 
 SUMMARY_KEYS = ("policy", "bytes_per_user_mean", "redis_used_memory", "compression_ratio", "rps", "p50_ms",
                 "p95_ms", "p99_ms", "ndcg@10", "hr@10", "top10_overlap", "projected_bytes_1e9_users")
 REFERENCE_POLICY = "full"
 
 
-def percentile(values: list[float], q: float) -> float | None:
-    """Linear-interpolated percentile (q in 0..100) of an unsorted list; None when it is empty."""
-    if not values:
-        return None
-    xs = sorted(values)
-    pos = (len(xs) - 1) * q / 100
-    lo, hi = math.floor(pos), math.ceil(pos)
-    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+def _percentile(values: list[float], q: float) -> float | None:
+    """The shared percentile (kvrec.models.metrics), None when a run has no successful request."""
+    return percentile(values, q) if values else None
 
 
 def _mean(values: list[float]) -> float | None:
@@ -63,9 +59,9 @@ def client_stats(records: list[dict], only: set[tuple[str, int]] | None = None) 
         "requests": len(records),
         "errors": len(records) - len(ok),
         "rps": len(ok) / span if span > 0 else None,
-        "p50_ms": percentile(latencies, 50),
-        "p95_ms": percentile(latencies, 95),
-        "p99_ms": percentile(latencies, 99),
+        "p50_ms": _percentile(latencies, 50),
+        "p95_ms": _percentile(latencies, 95),
+        "p99_ms": _percentile(latencies, 99),
         "ndcg@10": _mean([r["ndcg@10"] for r in scored]),
         "hr@10": _mean([r["hit@10"] for r in scored]),
         "scored": len(scored),
