@@ -1,8 +1,8 @@
-"""Offline replay: every user's stream through the model, with a policy applied exactly as the server will.
+"""Offline replay: every user's stream through the service's own serving step (`compression.step`).
 
-Per user: the prefix is prefilled, compressed, encoded and decoded as the pre-loaded state. Then each
-request of `events_per_request` events goes extend -> compress -> encode -> decode (`recompute` instead
-prefills the whole history so far, timed the same way). Scoring uses the last hidden state of the
+Per user: the prefix is prefilled, compressed and encoded as the pre-loaded state. Then each request of
+`events_per_request` events goes decode -> extend -> compress -> encode (`recompute` instead folds the
+whole history so far into an empty state, timed the same way). Scoring uses the last hidden state of the
 extended state, as the server answers a request after folding its events in: it predicts the NEXT
 request's first event (HR@10, NDCG@10 over the whole catalogue) and ranks the next request's items
 against sampled negatives (GAUC, Recall@10). Every policy is compared with `full` on the same requests
@@ -18,11 +18,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from kvrec.compression.base import PolicyContext
-from kvrec.compression.codec import decode_state, encode_state
-from kvrec.compression.pipeline import Pipeline
 from kvrec.compression.spec import parse_policy
+from kvrec.compression.step import ServingStep
 from kvrec.models.metrics import rank_of_targets
-from kvrec.models.state import Events, State
+from kvrec.models.state import Events
 from torch import Tensor
 
 REFERENCE = "full"
@@ -74,59 +73,41 @@ def user_requests(prefix: Events, future: Events, events_per_request: int, max_r
     return out
 
 
-def attention_macs(keys_per_layer: list[int], queries: int, heads: int, d_k: int, d_v: int) -> int:
-    """Multiply-accumulates of attention for `queries` new tokens against the given keys per layer:
-    q.k for every (query, key) pair and the weighted sum of values, counted from shapes (masked pairs
-    included, as a dense kernel computes them)."""
-    return sum(heads * queries * t * (d_k + d_v) for t in keys_per_layer)
+def replay_user(step: ServingStep, prefix: Events, requests: list[Request], tally: Tally,
+                reference: list[Tensor] | None) -> list[Tensor]:
+    """Replay one user's requests through the serving step; returns the catalogue scores [N] of each.
 
-
-def prefill_macs(length: int, layers: int, heads: int, d_k: int, d_v: int, chunk: int = 1024) -> int:
-    """Attention MACs of `model.prefill` over `length` events in chunks: chunk c attends to all keys so far."""
-    return sum(attention_macs([min(start + chunk, length)] * layers, min(chunk, length - start), heads, d_k, d_v)
-               for start in range(0, length, chunk))
-
-
-def replay_user(model, fingerprint: str, pipeline: Pipeline, prefix: Events, requests: list[Request],
-                tally: Tally, reference: list[Tensor] | None) -> list[Tensor]:
-    """Replay one user's requests under `pipeline`; returns the catalogue scores [N] of each request."""
-    cfg = model.cfg
+    As in the service, every request starts from what a decode of the stored blob gives back; under
+    `recompute` each request folds the whole history so far into an empty state."""
     scores_out = []
     history = prefix
-    state: State | None = None
     blob = b""
-    if pipeline.keeps_state:
-        state, _, stats = model.prefill(prefix)
-        blob = encode_state(pipeline.compress(state, stats), pipeline, fingerprint)
-        state = decode_state(blob, pipeline, fingerprint)
+    if step.keeps_state:
+        blob = step.advance(step.start(0), prefix).blob
     for i, req in enumerate(requests):
-        t0 = time.perf_counter()
-        if pipeline.keeps_state:
-            state, hidden, stats = model.extend(state, req.events)
-            keys = [state.tokens(layer) for layer in range(state.num_layers)]
-            t1 = time.perf_counter()
-            compressed = pipeline.compress(state, stats)
-            t2 = time.perf_counter()
-            blob = encode_state(compressed, pipeline, fingerprint)
-            state = decode_state(blob, pipeline, fingerprint)
-            t3 = time.perf_counter()
-            tally.macs.append(attention_macs(keys, len(req.events), cfg.heads, cfg.d_k, cfg.d_v))
+        if step.keeps_state:
+            clock = time.perf_counter()
+            state = step.restore(blob)
+            decode_ms = (time.perf_counter() - clock) * 1e3
+            out = step.advance(state, req.events)
+            blob = out.blob
         else:
             history = Events.cat([history, req.events])
-            _, hidden, _ = model.prefill(history)
-            t1 = t2 = t3 = time.perf_counter()
-            tally.macs.append(prefill_macs(len(history), cfg.layers, cfg.heads, cfg.d_k, cfg.d_v))
-        for stage, ms in zip(("extend", "compress", "codec"), (t1 - t0, t2 - t1, t3 - t2)):
-            tally.ms[stage].append(1000 * ms)
-        score_request(model, hidden, req, tally, reference[i] if reference is not None else None, scores_out)
+            out = step.advance(step.start(0), history)
+            decode_ms = 0.0
+        tally.macs.append(out.macs)
+        for stage in ("extend", "compress"):
+            tally.ms[stage].append(out.timing_ms[stage])
+        tally.ms["codec"].append(decode_ms + out.timing_ms.get("encode", 0.0))
+        score_request(step, out.hidden, req, tally, reference[i] if reference is not None else None, scores_out)
     tally.final_bytes.append(len(blob))
     return scores_out
 
 
 @torch.no_grad()
-def score_request(model, hidden: Tensor, req: Request, tally: Tally, reference: Tensor | None,
+def score_request(step: ServingStep, hidden: Tensor, req: Request, tally: Tally, reference: Tensor | None,
                   scores_out: list[Tensor]) -> None:
-    scores = model.score(hidden[None])[0]  # [N]
+    scores = step.scores(hidden)  # [N]
     scores_out.append(scores)
     tally.ranks.append(int(rank_of_targets(scores[None], torch.tensor([req.target]), [req.exclude])[0]))
     pos, neg = scores[req.positives], scores[req.negatives]  # [P], [C]
@@ -189,6 +170,7 @@ def run_offline(checkpoint, dataset, specs: list[str], *, events_per_request: in
         exclude_seen = not has_repeats([Events.cat([s.prefix, s.future]) for s in streams])
     context = PolicyContext(model, checkpoint.path, [s.prefix for s in streams[:calibration_users]])
     pipelines = {spec: parse_policy(spec, context) for spec in dict.fromkeys([REFERENCE, *specs])}
+    steps = {spec: ServingStep(model, pipeline, checkpoint.fingerprint) for spec, pipeline in pipelines.items()}
     tallies = {spec: Tally() for spec in pipelines}
     bar = tqdm(total=len(streams) * len(pipelines), desc="bench offline", unit="replay", disable=not progress,
                mininterval=2.0)
@@ -199,8 +181,7 @@ def run_offline(checkpoint, dataset, specs: list[str], *, events_per_request: in
         reference = None
         for spec, pipeline in pipelines.items():
             bar.set_postfix_str(spec[:40], refresh=False)
-            scores = replay_user(model, checkpoint.fingerprint, pipeline, user.prefix, requests, tallies[spec],
-                                 reference)
+            scores = replay_user(steps[spec], user.prefix, requests, tallies[spec], reference)
             if spec == REFERENCE:
                 reference = scores
             bar.update()

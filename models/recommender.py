@@ -147,7 +147,7 @@ class SequentialRecommender(nn.Module):
         # extras are aligned with the token axis: new tokens start at zero (e.g. no accumulated attention)
         new = State(k=[], v=[], pos=[], ts=[], weight=[], events_consumed=state.events_consumed + n,
                     extras={name: [F.pad(t, (0, n)) for t in per_layer] for name, per_layer in state.extras.items()})
-        received, window = [], []
+        received, window, macs = [], [], 0
         for layer, block in enumerate(self.blocks):
             q, k, v, ctx = block.qkv(x, q_pos[None])
             keys = torch.cat([state.k[layer], k[0]], dim=1)  # [H, T, d_k], T = T_cached + n
@@ -167,14 +167,15 @@ class SequentialRecommender(nn.Module):
             new.weight.append(k_weight)
             received.append(w[0].abs().sum(1))  # [H, T]
             window.append(w[0, :, -self.cfg.obs_window:].abs())  # [H, w, T]
+            macs += self.cfg.heads * n * keys.shape[1] * (self.cfg.d_k + self.cfg.d_v)
         new.last_hidden = self.final_norm(x[0, -1])
-        return new, new.last_hidden, AttentionStats(received, window)
+        return new, new.last_hidden, AttentionStats(received, window, macs)
 
     @torch.no_grad()
     def prefill(self, events: Events, chunk: int = 1024) -> tuple[State, Tensor | None, AttentionStats]:
         """State of a whole history, built in chunks so memory stays O(chunk x T) for long histories.
 
-        `received` sums over all chunks; `window` comes from the last chunk.
+        `received` and `macs` sum over all chunks; `window` comes from the last chunk.
         """
         state, hidden = self.empty_state(), None
         received: list[Tensor] | None = None
@@ -184,7 +185,8 @@ class SequentialRecommender(nn.Module):
             if received is not None:
                 stats.received = [F.pad(old, (0, new.shape[-1] - old.shape[-1])) + new
                                   for old, new in zip(received, stats.received)]
-            received = stats.received
+                stats.macs += macs
+            received, macs = stats.received, stats.macs
         return state, hidden, stats
 
     # ----------------------------------------------------------------------------- ranking

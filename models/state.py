@@ -142,6 +142,7 @@ class AttentionStats:
     received[l]: [H, T_l] float  attention mass that each key of layer l (cached and new, in the order
                                  of the extended state) received from the new queries, summed over them
     window[l]:   [H, w, T_l]     attention weights of the last w new queries (w <= obs_window)
+    macs:                        multiply-accumulates of attention in the call (q.k and weights.v)
 
     For softmax attention (SASRec) a weight is the softmax probability. HSTU's pointwise attention has
     no distribution over keys: there a weight is |SiLU(q.k + bias)| / norm * multiplicity, the magnitude
@@ -150,3 +151,4 @@ class AttentionStats:
 
     received: list[Tensor]
     window: list[Tensor]
+    macs: int = 0  # attention multiply-accumulates of the call, as each block counts them

@@ -6,11 +6,12 @@ import json
 
 import pytest
 import torch
-from kvrec.compression.bench import attention_macs, prefill_macs, run_offline
+from kvrec.compression.bench import run_offline
 from kvrec.models.checkpoint import load_checkpoint, save_checkpoint
 from kvrec.models.data import load_dataset, stream_split
 from kvrec.models.recommender import ModelConfig
 from kvrec.models.registry import build_model
+from kvrec.models.state import Events
 
 from kvrec.cli import main
 
@@ -63,9 +64,16 @@ def test_svd_bases_are_saved_beside_the_checkpoint(rows, checkpoint):
     assert checkpoint.path.with_name(checkpoint.path.name + ".svd.safetensors").is_file()
 
 
-def test_macs_are_counted_from_shapes():
-    assert attention_macs([10, 10], 2, heads=2, d_k=8, d_v=8) == 2 * (2 * 2 * 10 * 16)
-    assert prefill_macs(3, layers=1, heads=1, d_k=1, d_v=1, chunk=1) == 2 * (1 + 2 + 3)
+def test_macs_count_each_query_against_every_key_it_sees():
+    """Extending T cached tokens by n events costs layers x heads x n x (T + n) x (d_k + d_v) MACs; a
+    recompute of the same history costs the causal pairs of every prefill chunk."""
+    cfg = ModelConfig(num_items=20, layers=2, heads=2, d_k=8, d_v=4, dropout=0.0)
+    model = build_model(cfg).eval()
+    events = Events.of(torch.arange(13) % 20)
+    state, _, stats = model.prefill(events[:10], chunk=4)
+    assert stats.macs == 2 * 2 * (4 * 4 + 4 * 8 + 2 * 10) * 12  # chunks of 4, 4 and 2 queries
+    _, _, stats = model.extend(state, events[10:])
+    assert stats.macs == 2 * 2 * 3 * 13 * 12
 
 
 def test_cli_writes_results(checkpoint, tmp_path):
