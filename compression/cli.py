@@ -1,6 +1,44 @@
-"""`kvrec bench offline`: registered by the compression package; heavy imports stay in the handler."""
+"""`kvrec bench offline`: registered by the compression package; heavy imports stay in the handler.
+
+Also the policy-list pieces every command that takes several policies shares (`bench offline`, `bench
+serve`, `sweep`): the default list, its parser and the check of each spec against the served model.
+"""
 
 from __future__ import annotations
+
+from kvrec.models.cli import UsageError, fraction, positive_int
+
+DEFAULT_POLICIES = "full;int8;kivi:bits=2;h2o:budget=256;recompute"
+
+
+def parse_policy_list(text: str) -> list[str]:
+    """`full;int8;kivi:bits=2` -> the specs, in order. `;` separates because specs use `,` and `+`.
+
+    Only the list is checked here (empty, a spec twice); each spec is checked by `check_policies`,
+    which needs the model. Usable as an argparse `type=`."""
+    specs = [s.strip() for s in text.split(";") if s.strip()]
+    if not specs:
+        raise UsageError("no policies given; use e.g. --policies 'full;int8;recompute'")
+    if len(set(specs)) != len(specs):
+        raise UsageError(f"a policy is listed twice in {text!r}; list each once")
+    return specs
+
+
+def check_policies(specs: list[str], checkpoint=None) -> None:
+    """Raise PolicyError for the first spec that does not parse, before anything is started.
+
+    With the checkpoint, each spec is bound to its model as the server binds it (so a policy that does
+    not apply to the model, or `svd` without saved bases, is refused). Without one, only the grammar and
+    the parameters are checked, stage by stage: what can be known before a model is loaded."""
+    from kvrec.compression.base import PolicyContext
+    from kvrec.compression.spec import parse_policy, parse_stage
+
+    for spec in specs:
+        if checkpoint is None:
+            for stage in spec.split("+"):
+                parse_stage(stage)
+        else:
+            parse_policy(spec, context=PolicyContext(model=checkpoint.model, checkpoint_path=checkpoint.path))
 
 
 def register_bench(bench_sub) -> None:
@@ -8,49 +46,53 @@ def register_bench(bench_sub) -> None:
         "offline", help="replay users' streams through the model under each compression policy",
         description="Replay every user's stream (prefix pre-loaded as the state, the rest as requests) "
                     "under each policy, as the server applies it: extend -> compress -> encode -> decode. "
-                    "Writes results.json, results.csv, results.md and pareto.png to --out.")
-    p.add_argument("--model", required=True, help="model checkpoint (from `kvrec train`)")
-    p.add_argument("--dataset", required=True, help="dataset name, path or synth spec (as `kvrec train`)")
+                    "Writes results.json, results.csv, results.md and pareto.png to --out. "
+                    "`--policies list` prints every policy with its parameters and needs nothing else.")
+    p.add_argument("--model", help="model checkpoint from `kvrec train` (required)")
+    p.add_argument("--dataset", help="dataset name, path or synth spec, as `kvrec train` (required)")
     p.add_argument("--policies", required=True,
                    help='";"-separated policy specs, e.g. "full;recompute;h2o:budget=256+int8"; '
                         '"list" prints every policy with its parameters')
-    p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--events-per-request", type=int, default=10)
-    p.add_argument("--max-users", type=int, default=None)
-    p.add_argument("--max-requests-per-user", type=int, default=None)
-    p.add_argument("--negatives", type=int, default=100, help="sampled negatives per request (GAUC, Recall@10)")
-    p.add_argument("--fraction", type=float, default=0.5, help="share of each history pre-loaded as the prefix")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
+    p.add_argument("--out", help="output folder (required)")
+    p.add_argument("--events-per-request", type=positive_int, default=10, help="events sent per request")
+    p.add_argument("--max-users", type=positive_int, default=None, help="replay at most this many users "
+                   "(default: all)")
+    p.add_argument("--max-requests-per-user", type=positive_int, default=None,
+                   help="replay at most this many requests per user (default: the whole future)")
+    p.add_argument("--negatives", type=positive_int, default=100,
+                   help="sampled negatives per request (GAUC, Recall@10)")
+    p.add_argument("--fraction", type=fraction, default=0.5,
+                   help="share of each history pre-loaded as the prefix, 0..1")
+    p.add_argument("--seed", type=int, default=0, help="seed of the negative sampling")
+    p.add_argument("--threads", type=positive_int, default=None,
+                   help="torch intra-op threads (default: torch's choice)")
     p.set_defaults(func=offline)
 
 
 def offline(args) -> int:
-    import sys
-
     import torch
     from kvrec.compression.bench import run_offline
     from kvrec.compression.report import markdown_table, write_results
-    from kvrec.compression.spec import PolicyError, describe_policies, parse_policy
-    from kvrec.models.checkpoint import CheckpointError, load_checkpoint
+    from kvrec.compression.spec import describe_policies
+    from kvrec.models.checkpoint import load_checkpoint
     from kvrec.models.data import load_dataset, stream_split
 
     if args.policies.strip() == "list":
         print(describe_policies())
         return 0
+    missing = [flag for flag in ("model", "dataset", "out") if getattr(args, flag) is None]
+    if missing:
+        raise UsageError(f"{', '.join('--' + m for m in missing)} required (only `--policies list` needs none)")
+    specs = parse_policy_list(args.policies)
+    check_policies(specs)  # a typo fails here, before the model and the data are loaded
     if args.threads:
         torch.set_num_threads(args.threads)
-    specs = [s.strip() for s in args.policies.split(";") if s.strip()]
-    try:
-        for spec in specs:
-            if not spec.startswith("svd"):
-                parse_policy(spec)  # fail fast on a typo, before loading anything
-        checkpoint = load_checkpoint(args.model)
-        dataset = load_dataset(args.dataset)
-    except (PolicyError, CheckpointError, ValueError, OSError) as exc:
-        print(f"kvrec bench offline: {exc}", file=sys.stderr)
-        return 2
+    checkpoint = load_checkpoint(args.model)
+    dataset = load_dataset(args.dataset)
     streams = stream_split(dataset, fraction=args.fraction, min_future=args.events_per_request + 1)
+    if not streams:
+        raise UsageError(f"{dataset.name}: no user has {args.events_per_request + 1} events after the prefix; "
+                         "lower --events-per-request or --fraction")
     rows = run_offline(checkpoint, streams, specs, events_per_request=args.events_per_request,
                        max_users=args.max_users, max_requests_per_user=args.max_requests_per_user,
                        negatives=args.negatives, seed=args.seed)

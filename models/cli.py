@@ -1,4 +1,10 @@
-"""`kvrec data`, `kvrec train` and `kvrec eval-model`: registered by the models package."""
+"""`kvrec data`, `kvrec train` and `kvrec eval-model`: registered by the models package.
+
+Also the pieces every package's commands share, here because models is the bottom of the import graph:
+`UsageError`, which a command raises for a mistake in its input (kvrec.cli prints it as one line and
+exits 2, where anything else is a bug and keeps its traceback), and argparse `type=` validators that
+turn a bad number into such a line before anything runs.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +12,48 @@ import argparse
 import json
 import sys
 
-from kvrec.models import data_cli
+
+class UsageError(Exception):
+    """A mistake in what the user gave a command (a file, a name, a number, a port); the message names
+    the problem and what to do. Data, checkpoint and policy errors are user errors too, by their own
+    types (DataError, CheckpointError, PolicyError): kvrec.cli.main treats all of them alike."""
+
+
+def at_least(low: float, kind: type = int):
+    """An argparse `type=` that parses `kind` and refuses values below `low` (`--users 0`)."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, "
+                                             f"got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {text}")
+        return value
+    return parse
+
+
+positive_int = at_least(1)
+non_negative_int = at_least(0)
+non_negative_float = at_least(0.0, float)
+
+
+def between(low: float, high: float):
+    """An argparse `type=` for a number in [low, high] (a dropout, a share of sessions)."""
+    def parse(text: str) -> float:
+        value = at_least(low, float)(text)
+        if value > high:
+            raise argparse.ArgumentTypeError(f"must be at most {high}, got {text}")
+        return value
+    return parse
+
+
+def fraction(text: str) -> float:
+    """An argparse `type=` for a share strictly between 0 and 1 (a prefix fraction, a dropout)."""
+    value = at_least(0.0, float)(text)
+    if not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be strictly between 0 and 1, got {text}")
+    return value
 
 TRAIN_HELP = """Train HSTU or SASRec on a dataset's leave-one-out split (sampled softmax, AdamW, early stopping
 on validation NDCG@10) and write one safetensors checkpoint holding weights, config, the item-id map and
@@ -16,57 +63,70 @@ lastfm, amazon-beauty), or a synthetic spec (synth-long, synth-short, synth-long
 
 
 def register(sub) -> None:
+    from kvrec.models import data_cli  # here: data_cli imports this module's validators
+
     data_cli.register(sub)
-    p = sub.add_parser("train", help="train a model and write a checkpoint", description=TRAIN_HELP,
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", choices=["hstu", "sasrec"], default="hstu")
+    p = sub.add_parser("train", help="train a model and write a checkpoint", description=TRAIN_HELP)
+    p.add_argument("--model", choices=["hstu", "sasrec"], default="hstu", help="backbone")
     p.add_argument("--dataset", required=True, help="path, dataset name or synth spec")
     p.add_argument("--out", required=True, help="checkpoint path (.ckpt, safetensors)")
-    p.add_argument("--min-len", type=int, default=3, help="drop users with fewer events")
-    p.add_argument("--max-len", type=int, default=200, help="training window in events")
-    p.add_argument("--dim", type=int, default=64)
-    p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--heads", type=int, default=2)
-    p.add_argument("--head-dim", type=int, default=32, help="d_k = d_v")
-    p.add_argument("--dropout", type=float, default=0.2)
-    p.add_argument("--epochs", type=int, default=200, help="upper bound; early stopping usually ends sooner")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--pair-budget", type=int, default=32_000_000,
+    p.add_argument("--min-len", type=positive_int, default=3, help="drop users with fewer events")
+    p.add_argument("--max-len", type=positive_int, default=200, help="training window, in events")
+    p.add_argument("--dim", type=positive_int, default=64, help="embedding width")
+    p.add_argument("--layers", type=positive_int, default=2, help="attention blocks")
+    p.add_argument("--heads", type=positive_int, default=2, help="attention heads per block")
+    p.add_argument("--head-dim", type=positive_int, default=32, help="d_k = d_v, per head")
+    p.add_argument("--dropout", type=between(0.0, 1.0), default=0.2, help="dropout probability")
+    p.add_argument("--epochs", type=positive_int, default=200,
+                   help="upper bound; early stopping usually ends sooner")
+    p.add_argument("--batch-size", type=positive_int, default=32, help="windows per batch, at most")
+    p.add_argument("--pair-budget", type=positive_int, default=32_000_000,
                    help="cap on batch x window x window attention entries: long windows train in smaller batches")
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--negatives", type=int, default=256, help="random negatives per batch (plus as many in-batch)")
-    p.add_argument("--temperature", type=float, default=0.05)
-    p.add_argument("--patience", type=int, default=5)
-    p.add_argument("--max-minutes", type=float, default=None, help="stop after this much training time")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--lr", type=at_least(0.0, float), default=1e-3, help="AdamW learning rate")
+    p.add_argument("--negatives", type=positive_int, default=256,
+                   help="random negatives per batch (plus as many in-batch)")
+    p.add_argument("--temperature", type=at_least(1e-6, float), default=0.05, help="softmax temperature")
+    p.add_argument("--patience", type=positive_int, default=5,
+                   help="validations without a better NDCG@10 before stopping")
+    p.add_argument("--max-minutes", type=at_least(0.0, float), default=None,
+                   help="stop after this many minutes of training (default: no limit)")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--threads", type=int, default=None,
+    p.add_argument("--threads", type=positive_int, default=None,
                    help="torch CPU threads (default: torch's choice; 1 is faster on a busy machine)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval-model", help="full-ranking HR/NDCG@10/50 on the leave-one-out test split",
                        description="Rank each user's true last item against the whole catalogue, given the "
-                       "history before it; the popularity baseline is reported beside the model.",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       "history before it; the popularity baseline is reported beside the model.")
     p.add_argument("--model", required=True, help="checkpoint from `kvrec train`")
     p.add_argument("--dataset", required=True, help="the dataset the model was trained on")
-    p.add_argument("--min-len", type=int, default=3)
-    p.add_argument("--history", type=int, default=None,
+    p.add_argument("--min-len", type=positive_int, default=3, help="drop users with fewer events")
+    p.add_argument("--history", type=positive_int, default=None,
                    help="use only each user's last N events (default: the whole history)")
-    p.add_argument("--compare-history", type=int, default=None, metavar="N",
+    p.add_argument("--compare-history", type=positive_int, default=None, metavar="N",
                    help="also score with only the last N events and report the per-user paired NDCG@10 "
-                   "difference against --history (default: the whole history), with its standard error")
+                   "difference against --history, with its standard error (default: no comparison)")
     p.add_argument("--exclude-seen", choices=["auto", "yes", "no"], default="auto",
                    help="leave already-seen items out of the ranking; auto: only if no user repeats an item")
-    p.add_argument("--json", default=None, help="also write the metrics to this JSON file")
-    p.add_argument("--device", default=None)
+    p.add_argument("--json", default=None, help="also write the metrics to this JSON file (default: none)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.set_defaults(func=cmd_eval)
 
 
 def default_device(requested: str | None) -> str:
+    """`--device`, checked here so that a misspelt or absent device is a usage error, not torch's traceback."""
     import torch
 
-    return requested or ("cuda" if torch.cuda.is_available() else "cpu")
+    if requested is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        kind = torch.device(requested).type
+    except RuntimeError:
+        raise UsageError(f"unknown --device {requested!r}; use cpu or cuda") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {requested} but torch sees no CUDA device; use --device cpu")
+    return requested
 
 
 def cmd_train(args) -> int:
@@ -105,8 +165,8 @@ def cmd_eval(args) -> int:
         print(f"warning: {args.model} was trained on another dataset (fingerprint {ckpt.dataset_fingerprint}, "
               f"this one {dataset.fingerprint()})", file=sys.stderr)
     if dataset.item_ids != ckpt.item_ids:
-        print(f"error: the item ids of {dataset.name} differ from the model's", file=sys.stderr)
-        return 2
+        raise UsageError(f"the item ids of {dataset.name} differ from the model's; evaluate on the dataset "
+                         f"{args.model} was trained on")
     split = leave_one_out(dataset)
     exclude = {"auto": None, "yes": True, "no": False}[args.exclude_seen]
     result = evaluate(ckpt.model, split.train, split.test, exclude_seen=exclude, history=args.history,

@@ -12,10 +12,13 @@ from __future__ import annotations
 
 import hashlib
 import tempfile
+import urllib.error
 import urllib.request
 import warnings
 import zipfile
 from pathlib import Path
+
+from kvrec.models.data import DataError
 
 BASE_URL = "https://files.grouplens.org/datasets/movielens"
 KNOWN_MD5 = {
@@ -28,7 +31,7 @@ KNOWN_MD5 = {
 _CHUNK = 1 << 20
 
 
-class ChecksumError(ValueError):
+class ChecksumError(DataError):
     """The downloaded archive is not the one expected."""
 
 
@@ -45,7 +48,7 @@ def fetch_movielens(
     `md5` / `sha256` override the known checksum; an existing folder is returned without downloading.
     """
     if name not in KNOWN_MD5:
-        raise ValueError(f"unknown MovieLens dataset {name!r}; known: {', '.join(KNOWN_MD5)}")
+        raise DataError(f"unknown MovieLens dataset {name!r}; known: {', '.join(KNOWN_MD5)}")
     dest_dir = Path(dest_dir)
     target = dest_dir / name
     if target.is_dir():
@@ -72,7 +75,12 @@ def _download(url: str, path: Path) -> dict[str, str]:
     from tqdm import tqdm
 
     hashes = {"md5": hashlib.md5(), "sha256": hashlib.sha256()}
-    with urllib.request.urlopen(url) as resp, open(path, "wb") as out:
+    try:
+        resp = urllib.request.urlopen(url)
+    except (urllib.error.URLError, ValueError) as exc:  # ValueError: not a URL at all
+        raise DataError(f"cannot download {url}: {exc}; check the address and the network, or download "
+                        "the zip yourself and pass --url file:///path/to/it.zip") from None
+    with resp, open(path, "wb") as out:
         size = resp.headers.get("Content-Length")
         with tqdm(total=int(size) if size else None, unit="B", unit_scale=True, desc=path.name) as bar:
             while chunk := resp.read(_CHUNK):
@@ -86,10 +94,14 @@ def _download(url: str, path: Path) -> dict[str, str]:
 def _extract(archive: Path, into: Path) -> Path:
     """Extract `archive` into `into` (refusing members that escape it); return the dataset folder,
     the archive's single top-level folder when it has one (GroupLens zips do)."""
-    with zipfile.ZipFile(archive) as zf:
+    try:
+        zf = zipfile.ZipFile(archive)
+    except zipfile.BadZipFile:
+        raise DataError(f"{archive.name}: the download is not a zip archive; check --url") from None
+    with zf:
         for member in zf.namelist():
             if not (into / member).resolve().is_relative_to(into.resolve()):
-                raise ValueError(f"{archive.name}: member {member!r} would be written outside the folder")
+                raise DataError(f"{archive.name}: member {member!r} would be written outside the folder")
         zf.extractall(into)
     entries = list(into.iterdir())
     return entries[0] if len(entries) == 1 and entries[0].is_dir() else into

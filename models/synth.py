@@ -42,7 +42,7 @@ import bisect
 import inspect
 
 import numpy as np
-from kvrec.models.data import Dataset, build_dataset
+from kvrec.models.data import DataError, Dataset, build_dataset
 
 PRESETS: dict[str, dict] = {
     "synth-long": dict(users=300, items=1500, mean_len=1050, long_range=0.8, seed=0),
@@ -85,10 +85,13 @@ def generate(
     repeat:     chance that an ordinary event re-consumes an item of its own session
     drift:      chance, per ordinary session, that one interest cluster is replaced by a new one
     """
+    # DataError: the parameters come from a user (a synth spec, `kvrec data synth`), so a bad one is theirs
     if not 0.0 <= long_range <= 1.0:
-        raise ValueError(f"long_range must be in [0, 1], got {long_range}")
+        raise DataError(f"long_range must be in [0, 1], got {long_range}")
     if items < cluster_size or users < 1:
-        raise ValueError(f"need users >= 1 and items >= cluster_size ({cluster_size}), got {users}, {items}")
+        raise DataError(f"need users >= 1 and items >= cluster_size ({cluster_size}), got {users}, {items}")
+    if not (mean_len > 0 and min_len <= max_len):
+        raise DataError(f"need mean_len > 0 and max_len >= min_len ({min_len}), got {mean_len}, {max_len}")
     rng = np.random.default_rng(seed)
     lengths = _lengths(rng, users, mean_len, len_sigma, min_len, max_len, max_events)  # [users]
     n_clusters = items // cluster_size
@@ -194,14 +197,17 @@ def from_spec(spec: str) -> Dataset:
     """A preset with overrides, `synth-long:users=100,mean_len=50`, named by its preset."""
     preset, _, overrides = spec.partition(":")
     if preset not in PRESETS:
-        raise ValueError(f"unknown synth preset {preset!r}; known: {', '.join(PRESETS)}")
+        raise DataError(f"unknown synth preset {preset!r}; known: {', '.join(PRESETS)}")
     params = {**PRESETS[preset], "name": preset}
     defaults = {k: v.default for k, v in inspect.signature(generate).parameters.items()}
     for item in filter(None, overrides.split(",")):
         key, eq, value = item.partition("=")
         key = key.strip().replace("-", "_")
         if not eq or key not in defaults or key == "name":
-            raise ValueError(f"bad synth override {item!r}; use key=value with keys {', '.join(defaults)}")
+            raise DataError(f"bad synth override {item!r}; use key=value with keys {', '.join(defaults)}")
         kind = type(defaults[key])
-        params[key] = int(float(value)) if kind is int else kind(value)
+        try:
+            params[key] = int(float(value)) if kind is int else kind(value)
+        except ValueError:
+            raise DataError(f"bad synth override {item!r}: {key} must be {kind.__name__}") from None
     return generate(**params)

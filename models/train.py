@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.nn.functional as F
-from kvrec.models.data import Dataset, leave_one_out
+from kvrec.models.data import DataError, Dataset, leave_one_out
 from kvrec.models.evaluate import evaluate, has_repeats, pad_left
 from kvrec.models.recommender import ModelConfig, SequentialRecommender, time_bucket
 from kvrec.models.registry import build_model
@@ -113,9 +113,10 @@ def train(dataset: Dataset, model_cfg: ModelConfig, cfg: TrainConfig, device: st
     widest_gap = max((int(w.ts[-1] - w.ts[0]) for w in wins), default=0)
     model_cfg = replace(model_cfg, num_items=dataset.num_items,
                         time_buckets=int(time_bucket(torch.tensor(widest_gap), 64)) + 1)  # 64: all of int64
-    model = build_model(model_cfg).to(device)
     if not split.valid:
-        raise ValueError(f"{dataset.name}: no user has the 3 events needed for a validation target")
+        raise DataError(f"{dataset.name}: no user has the 3 events needed for a validation target; "
+                        "train on a dataset with longer histories")
+    model = build_model(model_cfg).to(device)
     valid = random.Random(cfg.seed).sample(split.valid, min(cfg.max_valid_users, len(split.valid)))
     exclude_seen = not has_repeats(split.train)
     log_q = sampling_log_q(split.train, dataset.num_items, cfg)

@@ -1,12 +1,13 @@
 """`kvrec bench serve`: what one request costs, stage by stage, per history length and policy.
 
-It drives the service's own `RankingPipeline` in process against a real Redis (the one at `--redis-url`
-or `REDIS_URL`, else an embedded redis-server), so every stage the service runs is timed (append, load,
-decode, extend, compress, encode, store, score) without HTTP in the way. Each cell warms a few users to
-the history length with `PUT /users/{id}/history`'s code path, then times requests that each add one new
-event and ask for a top-10 over the whole catalogue, the steady state of a live service. The table shows
-the speed-up over `recompute` at the same length, the codec's (decode + encode) share of service time,
-and the stored blob against the raw fp32 K/V of the whole history.
+It drives the service's own `RankingPipeline` in process against a real Redis (`--redis-url`, else
+`KVREC_REDIS_URL` or `REDIS_URL`, else an embedded redis-server), so every stage the service runs is
+timed (append, load, decode, extend, compress, encode, store, score) without HTTP in the way. Each cell
+warms a few users to the history length with `PUT /users/{id}/history`'s code path, then times requests
+that each add one new event and ask for a top-10 over the whole catalogue, the steady state of a live
+service. The table shows the mean and the p99 (kvrec.models.metrics.percentile, as /metrics and the
+sweep report compute it), the speed-up over `recompute` at the same length, the codec's (decode +
+encode) share of service time, and the stored blob against the raw fp32 K/V of the whole history.
 """
 
 from __future__ import annotations
@@ -14,23 +15,23 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import random
 import sys
 import time
 import uuid
 
 import torch
-from kvrec.models.checkpoint import Checkpoint, CheckpointError, load_checkpoint, model_fingerprint
+from kvrec.models.checkpoint import Checkpoint, load_checkpoint, model_fingerprint
+from kvrec.models.metrics import percentile
 from kvrec.models.recommender import ModelConfig
 from kvrec.models.registry import build_model
 from kvrec.server.app import connect_redis
-from kvrec.server.embedded_redis import EmbeddedRedis, EmbeddedRedisError
+from kvrec.server.embedded_redis import EmbeddedRedis
 from kvrec.server.engine import Engine
 from kvrec.server.metrics import STAGES
 from kvrec.server.pipeline import RankingPipeline
 from kvrec.server.schemas import Event, RecommendRequest
-from kvrec.server.settings import Settings
+from kvrec.server.settings import Settings, resolve_redis_url
 from kvrec.server.store import UserStore
 
 USERS_PER_CELL = 3
@@ -38,32 +39,23 @@ UNTRAINED_ITEMS = 10_000
 
 
 def main(args: argparse.Namespace) -> int:
-    from kvrec.compression.spec import PolicyError, parse_policy
+    """`kvrec bench serve`; `args.lengths` and `args.policies` arrive parsed (serve_cli's `type=`s)."""
+    from kvrec.compression.cli import check_policies
 
-    try:
-        lengths = [int(x) for x in args.lengths.split(",") if x.strip()]
-        policies = [p.strip() for p in args.policies.split(";") if p.strip()]
-        checkpoint = load_checkpoint(args.model) if args.model else untrained_checkpoint()
-        for spec in policies:
-            parse_policy(spec)
-    except (ValueError, CheckpointError, PolicyError) as exc:
-        print(f"kvrec bench serve: {exc}", file=sys.stderr)
-        return 2
+    checkpoint = load_checkpoint(args.model) if args.model else untrained_checkpoint()
+    check_policies(args.policies, checkpoint)
     if not args.model:
         print(f"kvrec bench serve: no --model, timing an untrained model of the default size "
               f"({UNTRAINED_ITEMS} items; cost does not depend on training)", file=sys.stderr)
     torch.set_num_threads(args.threads)
 
     embedded = None
-    redis_url = args.redis_url or os.environ.get("REDIS_URL")
+    redis_url = resolve_redis_url(args.redis_url)
     try:
         if redis_url is None:
             embedded = EmbeddedRedis().start()
             redis_url = embedded.url
-        rows = asyncio.run(run(checkpoint, lengths, policies, redis_url, args.requests, args.seconds))
-    except EmbeddedRedisError as exc:
-        print(f"kvrec bench serve: {exc}", file=sys.stderr)
-        return 2
+        rows = asyncio.run(run(checkpoint, args.lengths, args.policies, redis_url, args.requests, args.seconds))
     finally:
         if embedded is not None:
             embedded.stop()
@@ -132,6 +124,7 @@ async def time_cell(pipeline: RankingPipeline, length: int, requests: int, secon
     raw = last.computed.events_seen * pipeline.engine.raw_bytes_per_event
     return {
         "length": length, "policy": pipeline.engine.spec, "requests": len(timings), "ms": ms,
+        "p99_ms": percentile([t["total"] for t in timings], 99),
         "requests_per_s": 1e3 / ms["total"],
         "codec_share": (ms["decode"] + ms["encode"]) / ms["total"],
         "blob_bytes": last.state_bytes, "raw_bytes": raw, "tokens_kept": last.computed.tokens_kept,
@@ -139,16 +132,17 @@ async def time_cell(pipeline: RankingPipeline, length: int, requests: int, secon
 
 
 def format_table(rows: list[dict]) -> str:
-    head = (f"{'length':>6} {'policy':<34} {'total':>8} " + " ".join(f"{s:>8}" for s in STAGES)
+    head = (f"{'length':>6} {'policy':<34} {'total':>8} {'p99':>8} " + " ".join(f"{s:>8}" for s in STAGES)
             + f" {'req/s':>7} {'vs recomp':>9} {'codec':>6} {'blob KiB':>9} {'raw KiB':>8} {'x smaller':>9}")
-    lines = ["ms per request by stage (mean); vs recomp = speed-up over `recompute` at the same length; "
-             "codec = (decode + encode) / total", head, "-" * len(head)]
+    lines = ["ms per request by stage (mean; p99 of the total); vs recomp = speed-up over `recompute` at the "
+             "same length; codec = (decode + encode) / total", head, "-" * len(head)]
     for r in rows:
         ms = r["ms"]
         speedup = f"{r['speedup_vs_recompute']:.1f}x" if r["speedup_vs_recompute"] else "-"
         smaller = f"{r['raw_bytes'] / r['blob_bytes']:.1f}x" if r["blob_bytes"] else "-"
         lines.append(
-            f"{r['length']:>6} {r['policy']:<34} {ms['total']:>8.2f} " + " ".join(f"{ms[s]:>8.2f}" for s in STAGES)
+            f"{r['length']:>6} {r['policy']:<34} {ms['total']:>8.2f} {r['p99_ms']:>8.2f} "
+            + " ".join(f"{ms[s]:>8.2f}" for s in STAGES)
             + f" {r['requests_per_s']:>7.1f} {speedup:>9} {r['codec_share']:>6.1%} {r['blob_bytes'] / 1024:>9.1f}"
             f" {r['raw_bytes'] / 1024:>8.1f} {smaller:>9}")
     return "\n".join(lines)

@@ -1,38 +1,47 @@
 """`kvrec serve` and `kvrec bench serve`: registered by the server package.
 
-`serve` checks the model and the policy before anything starts, so that a missing checkpoint or a bad
-spec is one clear line and exit code 2 rather than a traceback from every worker. With no `--redis-url`
-and no `REDIS_URL` it runs a private redis-server for the lifetime of the command (the embedded
-default) and stops it on exit, Ctrl-C or SIGTERM included.
+`serve` checks the model, the policy and the port before anything starts, so that a missing checkpoint,
+a bad spec or a busy port is one clear line and exit code 2 (a user error, see kvrec.cli) rather than a
+traceback from every worker. With no `--redis-url`, `KVREC_REDIS_URL` or `REDIS_URL` it runs a private
+redis-server for the lifetime of the command (the embedded default) and stops it on exit, Ctrl-C or
+SIGTERM included.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import signal
+import socket
 import sys
 
-DEFAULT_POLICIES = "full;int8;kivi:bits=2;h2o:budget=256;recompute"
+from kvrec.compression.cli import DEFAULT_POLICIES, parse_policy_list
+from kvrec.models.cli import UsageError, at_least, positive_int
+
+REDIS_URL_HELP = ("redis://, rediss:// or unix:// URL (default: $KVREC_REDIS_URL, then $REDIS_URL, else an "
+                  "embedded redis-server)")
 
 
 def register(sub, bench_sub) -> None:
     p = sub.add_parser(
         "serve", help="run the ranking service (FastAPI + uvicorn, states in Redis)",
         description="Run the ranking service. Every flag may also come from the environment (KVREC_MODEL, "
-                    "KVREC_POLICY, REDIS_URL, KVREC_KEY_PREFIX, ...; see server/settings.py). Without "
-                    "--redis-url or REDIS_URL, a private redis-server is started and stopped with the service.")
+                    "KVREC_POLICY, KVREC_REDIS_URL or REDIS_URL, KVREC_KEY_PREFIX, ...; see "
+                    "server/settings.py). Without a Redis URL, a private redis-server is started and "
+                    "stopped with the service.")
     p.add_argument("--model", default=os.environ.get("KVREC_MODEL"), required="KVREC_MODEL" not in os.environ,
-                   help="checkpoint written by `kvrec train` (env KVREC_MODEL)")
+                   help="checkpoint written by `kvrec train` (default: $KVREC_MODEL)")
     p.add_argument("--policy", default=os.environ.get("KVREC_POLICY", "full"),
-                   help="compression policy spec, e.g. full, int8, h2o:budget=256+kivi:bits=2 (default: full)")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
-    p.add_argument("--port", type=int, default=8000, help="port to listen on (default: 8000)")
-    p.add_argument("--redis-url", default=None,
-                   help="redis://, rediss:// or unix:// URL (env REDIS_URL); default: an embedded redis-server")
-    p.add_argument("--workers", type=int, default=1, help="worker processes (default: 1)")
-    p.add_argument("--key-prefix", default=None, help="prefix of every Redis key (env KVREC_KEY_PREFIX)")
-    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+                   help="compression policy spec, e.g. full, int8, h2o:budget=256+kivi:bits=2 (env KVREC_POLICY)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    p.add_argument("--port", type=at_least(0), default=8000, help="TCP port to listen on")
+    p.add_argument("--redis-url", default=None, help=REDIS_URL_HELP)
+    p.add_argument("--workers", type=positive_int, default=1, help="worker processes")
+    p.add_argument("--key-prefix", default=None,
+                   help="prefix of every Redis key (default: $KVREC_KEY_PREFIX, else kvrec)")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
+                   help="uvicorn's log level")
     p.set_defaults(func=serve)
 
     b = bench_sub.add_parser(
@@ -41,42 +50,44 @@ def register(sub, bench_sub) -> None:
                     "stage shows): per history length and policy, ms per stage, requests/s, the speed-up over "
                     "`recompute`, the codec's share of service time, and blob bytes against raw fp32 K/V.")
     b.add_argument("--model", default=None,
-                   help="checkpoint; default: an untrained model of the default size (10,000 items)")
-    b.add_argument("--lengths", default="250,1000,4000", help="history lengths (default: 250,1000,4000)")
-    b.add_argument("--policies", default=DEFAULT_POLICIES, help=f"';'-separated specs (default: {DEFAULT_POLICIES})")
-    b.add_argument("--requests", type=int, default=30, help="timed requests per cell, at most (default: 30)")
-    b.add_argument("--seconds", type=float, default=10.0,
-                   help="time budget per cell; at least 3 requests are timed (default: 10)")
-    b.add_argument("--redis-url", default=None, help="default: REDIS_URL, else an embedded redis-server")
-    b.add_argument("--threads", type=int, default=1,
-                   help="torch intra-op threads (default: 1, as in a serving worker)")
-    b.add_argument("--json", dest="json_out", default=None, help="also write the results to this JSON file")
+                   help="checkpoint (default: an untrained model of the default size, 10,000 items)")
+    b.add_argument("--lengths", type=_lengths, default="250,1000,4000",
+                   help="history lengths in events, comma-separated")
+    b.add_argument("--policies", type=parse_policy_list, default=DEFAULT_POLICIES, help="';'-separated specs")
+    b.add_argument("--requests", type=positive_int, default=30, help="timed requests per cell, at most")
+    b.add_argument("--seconds", type=at_least(0.0, float), default=10.0,
+                   help="time budget per cell, in seconds; at least 3 requests are timed")
+    b.add_argument("--redis-url", default=None, help=REDIS_URL_HELP)
+    b.add_argument("--threads", type=positive_int, default=1,
+                   help="torch intra-op threads (1, as in a serving worker)")
+    b.add_argument("--json", dest="json_out", default=None,
+                   help="also write the results to this JSON file (default: none)")
     b.set_defaults(func=bench_serve)
 
 
+def _lengths(text: str) -> list[int]:
+    """`250,1000,4000` -> [250, 1000, 4000], each a positive number of events (an argparse `type=`)."""
+    parts = [x for x in text.split(",") if x.strip()]
+    if not parts:
+        raise argparse.ArgumentTypeError("no lengths given; use e.g. 250,1000,4000")
+    return [positive_int(x.strip()) for x in parts]
+
+
 def serve(args: argparse.Namespace) -> int:
-    if args.workers < 1:
-        print("kvrec serve: --workers must be at least 1", file=sys.stderr)
-        return 2
-    error = check_model_and_policy(args.model, args.policy)
-    if error:
-        print(f"kvrec serve: {error}", file=sys.stderr)
-        return 2
+    check_model_and_policy(args.model, args.policy)
+    check_port_free(args.host, args.port)
 
     import uvicorn
-    from kvrec.server.embedded_redis import EmbeddedRedis, EmbeddedRedisError
+    from kvrec.server.embedded_redis import EmbeddedRedis
+    from kvrec.server.settings import resolve_redis_url
 
     # uvicorn re-raises SIGTERM after its graceful shutdown; make that an exception, so `finally` runs
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
-    redis_url = args.redis_url or os.environ.get("REDIS_URL") or os.environ.get("KVREC_REDIS_URL")
+    redis_url = resolve_redis_url(args.redis_url)
     embedded = None
     try:
         if redis_url is None:
-            try:
-                embedded = EmbeddedRedis().start()
-            except EmbeddedRedisError as exc:
-                print(f"kvrec serve: {exc}", file=sys.stderr)
-                return 2
+            embedded = EmbeddedRedis().start()
             redis_url = embedded.url
             print(f"kvrec serve: embedded redis-server at {redis_url} (stopped on exit; states are not kept)",
                   file=sys.stderr)
@@ -95,17 +106,27 @@ def serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def check_model_and_policy(model: str, policy: str) -> str | None:
-    """The operator's error, or None: the checkpoint must load and the spec must parse for it."""
-    from kvrec.compression.spec import PolicyContext, PolicyError, parse_policy
-    from kvrec.models.checkpoint import CheckpointError, load_checkpoint
+def check_model_and_policy(model: str, policy: str) -> None:
+    """The checkpoint must load and the spec must parse for its model; CheckpointError or PolicyError
+    (user errors) otherwise."""
+    from kvrec.compression.cli import check_policies
+    from kvrec.models.checkpoint import load_checkpoint
 
-    try:
-        checkpoint = load_checkpoint(model)
-        parse_policy(policy, context=PolicyContext(model=checkpoint.model, checkpoint_path=checkpoint.path))
-    except (CheckpointError, PolicyError) as exc:
-        return str(exc)
-    return None
+    check_policies([policy], load_checkpoint(model))
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Bind and release the port, so that a busy one is a UsageError now rather than uvicorn's log line
+    and exit after the Redis and the workers have started."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds it
+        try:
+            s.bind((host, port))
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise UsageError(f"port {port} on {host} is in use; stop what listens there or pass "
+                                 "another --port") from None
+            raise UsageError(f"cannot listen on {host}:{port}: {exc.strerror}; check --host and --port") from None
 
 
 def _exit_on_sigterm(signum, frame) -> None:

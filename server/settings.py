@@ -1,17 +1,28 @@
 """Service settings, read from the environment (pydantic-settings).
 
 Every setting has a `KVREC_` variable (`KVREC_MODEL`, `KVREC_POLICY`, ...), except the Redis URL, which
-also answers to the conventional `REDIS_URL`. `kvrec serve` passes its flags to the worker processes
+also answers to the conventional `REDIS_URL` (`KVREC_REDIS_URL` first: see `resolve_redis_url`, the one
+place every command resolves it). `kvrec serve` passes its flags to the worker processes
 through these variables, because uvicorn starts each worker from an import string, not from an object.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import AliasChoices, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+REDIS_URL_VARIABLES = ("KVREC_REDIS_URL", "REDIS_URL")  # in order of precedence
+
+
+def resolve_redis_url(flag: str | None = None) -> str | None:
+    """The Redis a command should use: its `--redis-url` flag, else `KVREC_REDIS_URL`, else `REDIS_URL`;
+    None when none is set (the commands then start an embedded redis-server). One resolution, so that
+    `serve`, `bench serve`, `sweep` and the service's Settings never disagree."""
+    return flag or next((os.environ[v] for v in REDIS_URL_VARIABLES if os.environ.get(v)), None)
 
 
 class Settings(BaseSettings):
@@ -31,7 +42,7 @@ class Settings(BaseSettings):
                              "contention for the same cores")
 
     redis_url: str = Field(
-        "redis://127.0.0.1:6379/0", validation_alias=AliasChoices("KVREC_REDIS_URL", "REDIS_URL"),
+        "redis://127.0.0.1:6379/0", validation_alias=AliasChoices(*REDIS_URL_VARIABLES),
         description="redis://, rediss:// or unix:// URL")
     redis_max_connections: int = Field(64, ge=1)
     redis_timeout_s: float = Field(2.0, gt=0, description="socket and connect timeout of one Redis call")
