@@ -179,7 +179,7 @@ def run_offline(checkpoint, dataset, specs: list[str], *, events_per_request: in
         requests = user_requests(user.prefix, user.future, events_per_request, max_requests_per_user,
                                  num_items, negatives, exclude_seen, gen)
         reference = None
-        for spec, pipeline in pipelines.items():
+        for spec in pipelines:
             bar.set_postfix_str(spec[:40], refresh=False)
             scores = replay_user(steps[spec], user.prefix, requests, tallies[spec], reference)
             if spec == REFERENCE:

@@ -7,14 +7,17 @@
           12   reserved         uint32 (0), so that the header starts 8-byte aligned
           16   checksum         uint64 xxh3-64 over header and payload (about 15 GB/s: a 1 MiB state
                                 costs 0.07 ms to check, where crc32 cost 0.6 ms, a tenth of a request)
-          24   header           {"model", "policy", "events", "dims", "tokens", "tensors"}; each tensor is
-                                "name:dtype:shape" ("0.kq:u8:2x960x8"), in payload order
+          24   header           {"model", "policy", "events", "kind", "layers", "tensors"}: "kind" is the
+                                state's kind, "layers" per layer the dense shapes of its token tensors
+                                ("t") and fixed tensors ("f"); each stored tensor is "name:dtype:shape"
+                                ("0.k.q:i8:2x960x32"), in payload order
            *   payload          tensors back to back, largest element size first, so every tensor is
                                 aligned to its element size and decoding is `torch.frombuffer` views
 
-The storage policy of the pipeline decides the K/V tensors ("{layer}.{part}"); the codec adds the token
-metadata: pos (int32), ts (int64), weight (fp32, omitted when all ones), extras "x.{name}" (fp32), each
-stored once when identical across layers ("pos") or per layer ("pos.0"), and the last hidden state "h".
+Any kind of state encodes: the storage policy of the pipeline decides the parts of the state's tensors
+("{layer}.{part}"); the codec adds the token metadata: pos (int32), ts (int64), weight (fp32, omitted
+when all ones), extras "x.{name}" (fp32), each stored once when identical across layers ("pos") or per
+layer ("pos.0"), and the last hidden state "h". A state without tokens stores no metadata.
 `len(blob)` is the number that reports call bytes per user. No pickle, no floats in text.
 """
 
@@ -27,13 +30,12 @@ import warnings
 
 import torch
 import xxhash
-from kvrec.compression.base import Dims
 from kvrec.compression.pipeline import Pipeline
-from kvrec.models.state import State
+from kvrec.models.state import LayerState, State
 from torch import Tensor
 
 MAGIC = b"KVRS"
-VERSION = 2
+VERSION = 3  # 3: any state kind (typed header with per-layer shapes); 2 held K/V only
 PREFIX = struct.Struct("<4sHHIIQ")  # magic, version, reserved, header length, reserved, xxh3-64
 DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16, "f8": torch.float8_e4m3fn,
           "u8": torch.uint8, "i8": torch.int8, "i16": torch.int16, "i32": torch.int32, "i64": torch.int64}
@@ -65,10 +67,11 @@ def encode_state(state: State, pipeline: Pipeline, model_fingerprint: str) -> by
     if state.last_hidden is not None:
         tensors["h"] = state.last_hidden.float()
     order = sorted(tensors, key=lambda n: -tensors[n].element_size())  # stable: aligned payload
-    dims = [state.k[0].shape[0], state.k[0].shape[2], state.v[0].shape[2]] if state.num_layers else [0, 0, 0]
+    layers = [{"t": {n: list(t.shape) for n, t in part.tokens.items()},
+               "f": {n: list(t.shape) for n, t in part.fixed.items()}} for part in state.layers]
     header = json.dumps({
-        "model": model_fingerprint, "policy": pipeline.spec, "events": state.events_consumed, "dims": dims,
-        "tokens": [state.tokens(layer) for layer in range(state.num_layers)],
+        "model": model_fingerprint, "policy": pipeline.spec, "events": state.events_consumed,
+        "kind": state.kind, "layers": layers,
         "tensors": " ".join(f"{n}:{CODES[tensors[n].dtype]}:{'x'.join(map(str, tensors[n].shape))}" for n in order),
     }, separators=(",", ":")).encode()
     header += b" " * (-len(header) % 8)
@@ -81,7 +84,9 @@ def encode_state(state: State, pipeline: Pipeline, model_fingerprint: str) -> by
 
 
 def metadata(state: State) -> dict[str, list[Tensor]]:
-    meta = {"pos": [p.int() for p in state.pos], "ts": state.ts}
+    if not state.token_names():
+        return {}
+    meta = {"pos": [p.int() for p in state.pos], "ts": list(state.ts)}
     if not all(bool((w == 1).all()) for w in state.weight):
         meta["w"] = [w.float() for w in state.weight]
     meta.update({f"x.{name}": [t.float() for t in per_layer] for name, per_layer in state.extras.items()})
@@ -116,21 +121,33 @@ def decode_state(blob: bytes, pipeline: Pipeline, model_fingerprint: str) -> Sta
         raise ForeignBlobError(f"blob made under policy {header.get('policy')!r}, not {pipeline.spec!r}")
     try:
         tensors = views(blob, payload, header["tensors"])
-        tokens = header["tokens"]
-        layers = len(tokens)
-        per_layer = lambda name: ([tensors[name]] * layers if name in tensors
-                                  else [tensors[f"{name}.{layer}"] for layer in range(layers)])
-        kv_parts = {n: t for n, t in tensors.items() if n[0].isdigit()}
-        k, v = pipeline.storage.unpack(kv_parts, tokens, Dims(*header["dims"]))
+        layers = header["layers"]
+        shapes = [{**layer["t"], **layer["f"]} for layer in layers]
+        dense = pipeline.storage.unpack({n: t for n, t in tensors.items() if n[0].isdigit()}, shapes)
+        tokens = [next(iter(layer["t"].values()))[1] if layer["t"] else 0 for layer in layers]
+        has_tokens = any(layer["t"] for layer in layers)
+
+        def per_layer(name: str, default) -> list[Tensor]:
+            if name in tensors:
+                return [tensors[name]] * len(layers)
+            if f"{name}.0" in tensors:
+                return [tensors[f"{name}.{layer}"] for layer in range(len(layers))]
+            return [default(t) for t in tokens]
+
+        empty = lambda t: torch.zeros(t, dtype=torch.long)
+        pos, ts = per_layer("pos", empty), per_layer("ts", empty)
+        weight = per_layer("w", lambda t: torch.ones(t))
+        parts = [LayerState({n: tensors_of[n] for n in layer["t"]}, p.long(), t, w,
+                            {n: tensors_of[n] for n in layer["f"]})
+                 for layer, tensors_of, p, t, w in zip(layers, dense, pos, ts, weight)]
+        if has_tokens and any(part.num_tokens != t or len(part.ts) != t for part, t in zip(parts, tokens)):
+            raise ValueError("token metadata does not match the token tensors")
         extras = sorted({n.split(".")[1] for n in tensors if n.startswith("x.")})
         return State(
-            k=k, v=v, pos=[p.long() for p in per_layer("pos")], ts=per_layer("ts"),
-            weight=per_layer("w") if any(n == "w" or n.startswith("w.") for n in tensors)
-            else [torch.ones(t) for t in tokens],
-            last_hidden=tensors.get("h"), events_consumed=int(header["events"]),
-            extras={name: per_layer(f"x.{name}") for name in extras},
+            kind=header["kind"], layers=parts, last_hidden=tensors.get("h"), events_consumed=int(header["events"]),
+            extras={name: per_layer(f"x.{name}", None) for name in extras},
         )
-    except (KeyError, ValueError, RuntimeError, TypeError, IndexError) as exc:
+    except (KeyError, ValueError, RuntimeError, TypeError, IndexError, AttributeError, StopIteration) as exc:
         raise CorruptBlobError(f"blob does not match its header: {exc}") from exc
 
 

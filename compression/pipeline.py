@@ -9,7 +9,7 @@ extended state; that is why a pipeline has a single token stage.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 from kvrec.compression.base import Policy, Storage
@@ -44,10 +44,9 @@ class Pipeline:
     def compress(self, state: State, stats: AttentionStats | None) -> State:
         """Reduce a freshly extended state; `stats` are that extension's attention statistics (or None).
 
-        The caller's state is not modified: the per-layer lists are copied before tokens are selected.
+        The caller's state is not modified: its containers are copied before tokens are selected.
         """
-        state = replace(state, k=list(state.k), v=list(state.v), pos=list(state.pos), ts=list(state.ts),
-                        weight=list(state.weight), extras={n: list(t) for n, t in state.extras.items()})
+        state = state.shallow_copy()
         if any(s.uses_acc for s in self.stages):
             accumulate_attention(state, stats)
         if self.token is not None:
@@ -59,7 +58,7 @@ def accumulate_attention(state: State, stats: AttentionStats | None) -> None:
     """state.extras["acc"][l] [H, T_l] += attention each token received in this call (when aligned)."""
     acc = state.extras.get("acc")
     if acc is None:
-        acc = [torch.zeros(k.shape[0], k.shape[1]) for k in state.k]
+        acc = [torch.zeros(next(iter(part.tokens.values())).shape[0], part.num_tokens) for part in state.layers]
     for layer in range(state.num_layers):
         if stats is not None and stats.received[layer].shape == acc[layer].shape:
             acc[layer] = acc[layer] + stats.received[layer].float()

@@ -21,6 +21,7 @@ class TokenPolicy(Policy):
     """Base of token policies; subclasses declare `budget: int | None` and `bytes: int | None` fields."""
 
     role = "token"
+    requires = ("tokens",)
     budget: int | None
     bytes: int | None
 

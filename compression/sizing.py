@@ -2,7 +2,7 @@
 
 The bound is the codec's layout with nothing shared or omitted: a fixed reserve for the prefix and the
 JSON header (the codec keeps both under `HEADER_RESERVE`), the last hidden state, and per token and layer
-the storage's K/V bytes plus position (int32), timestamp (int64), multiplicity (fp32) and every fp32
+the storage's bytes for the layer's tensors plus position (int32), timestamp (int64), multiplicity (fp32) and every fp32
 extra a policy carries. The codec only ever writes less (it shares metadata that is identical across
 layers and drops multiplicities that are all one), so a budget met here is met by the blob.
 """
@@ -11,15 +11,11 @@ from __future__ import annotations
 
 import math
 
-from kvrec.compression.base import Dims, Storage
+from kvrec.compression.base import Storage
 from kvrec.models.state import State
 
 HEADER_RESERVE = 1024
 META_BYTES_PER_TOKEN = 4 + 8 + 4  # pos int32, ts int64, weight fp32
-
-
-def dims_of(state: State) -> Dims:
-    return Dims(heads=state.k[0].shape[0], d_k=state.k[0].shape[2], d_v=state.v[0].shape[2])
 
 
 def extra_floats_per_token(state: State) -> int:
@@ -29,13 +25,14 @@ def extra_floats_per_token(state: State) -> int:
 
 def blob_bound(storage: Storage, state: State, tokens: int) -> int:
     """Upper bound of the blob size when every layer keeps min(T_l, tokens) tokens."""
-    dims = dims_of(state)
     per_token_meta = META_BYTES_PER_TOKEN + 4 * extra_floats_per_token(state)
     hidden = 0 if state.last_hidden is None else 4 * state.last_hidden.numel()
     total = HEADER_RESERVE + hidden
-    for layer in range(state.num_layers):
-        t = min(state.tokens(layer), tokens)
-        total += storage.kv_bytes(t, dims) + t * per_token_meta
+    for part in state.layers:
+        t = min(part.num_tokens, tokens)
+        shapes = {name: (x.shape[0], t, *x.shape[2:]) for name, x in part.tokens.items()}
+        shapes.update({name: tuple(x.shape) for name, x in part.fixed.items()})
+        total += storage.layer_bytes(shapes) + t * per_token_meta
     return total
 
 

@@ -15,6 +15,7 @@ from kvrec.compression.base import Policy, PolicyContext, PolicyError
 from kvrec.compression.pipeline import Pipeline
 from kvrec.compression.registry import all_policies
 from kvrec.compression.selection import TokenPolicy
+from kvrec.models.state import State
 
 __all__ = ["PolicyError", "parse_policy", "parse_stage", "describe_policies"]
 
@@ -37,9 +38,21 @@ def parse_policy(spec: str, context: PolicyContext | None = None) -> Pipeline:
             f"one storage policy ({names_of('storage')})")
     pipeline = Pipeline(token=tokens[0] if tokens else None,
                         storage=storages[0] if storages else all_policies()["full"]())
+    if context is not None and context.model is not None:
+        check_applies(pipeline, context.model.empty_state())
     for stage in pipeline.stages:
         stage.bind(context)
     return pipeline
+
+
+def check_applies(pipeline: Pipeline, state: State) -> None:
+    """Refuse a pipeline with a stage that cannot run on states like `state`, naming those that can."""
+    for stage in pipeline.stages:
+        reason = stage.applies_to(state)
+        if reason is not None:
+            fitting = sorted(name for name, cls in all_policies().items()
+                             if cls.role == "baseline" or cls.applies_to(state) is None)
+            raise PolicyError(f"{reason}; policies for {state.kind!r} states: {', '.join(fitting)}")
 
 
 def parse_stage(text: str) -> Policy:

@@ -15,7 +15,7 @@ import math
 
 import torch
 import torch.nn.functional as F
-from kvrec.models.recommender import Block, ModelConfig, SequentialRecommender, log_bucket, time_bucket
+from kvrec.models.recommender import KVAttention, ModelConfig, SequentialRecommender, log_bucket, time_bucket
 from torch import Tensor, nn
 
 # The normalising constant stops growing at 256 events: LayerNorm follows, so a larger constant changes
@@ -24,7 +24,7 @@ from torch import Tensor, nn
 NORM_CAP = 256
 
 
-class HSTUBlock(Block):
+class HSTUBlock(KVAttention):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg

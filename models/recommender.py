@@ -1,21 +1,24 @@
-"""What HSTU and SASRec share: embeddings, the cached-attention loop, scoring and top-k.
+"""What every backbone shares: embeddings, the block contract, forward/prefill/extend, scoring, top-k.
 
-A model is a stack of blocks. Each block turns its input into queries, keys and values, weighs keys for
-each query, and folds the weighted values back into the residual stream. The same three block methods
-serve training (`forward`, the whole window at once with a causal mask) and serving (`extend`, only the
-new events, attending to the keys and values cached in a `State`). Because nothing in a block depends
-on absolute position except through relative biases or rotary phases, `extend(prefill(h[:t]), h[t:])`
-equals `prefill(h)`: the invariant the whole service rests on (tests/test_exactness.py).
+A model is a stack of blocks, and each block owns its part of the user's state (models.state): what it
+keeps and how new events extend it. `KVAttention` is the block that caches keys and values (HSTU and
+SASRec): it turns its input into queries, keys and values, weighs keys for each query, and folds the
+weighted values back into the residual stream; the same three methods serve training (`forward`, the
+whole window at once with a causal mask) and serving (`extend`, only the new events, attending to the
+cached keys and values). Because nothing in a block depends on absolute position except through relative
+biases or rotary phases, `extend(prefill(h[:t]), h[t:])` equals `prefill(h)`: the invariant the whole
+service rests on (tests/test_exactness.py), for every block kind.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
-from kvrec.models.state import AttentionStats, Events, State
+from kvrec.models.state import AttentionStats, Events, LayerState, State
 from torch import Tensor, nn
 
 
@@ -46,8 +49,77 @@ class ModelConfig:
         return asdict(self)
 
 
+@dataclass
+class Window:
+    """What a training pass tells every block about its padded windows, computed once for all layers.
+
+    pos [B, L] int64: index of each event among the valid ones; valid [B, L] bool; mask [B, L, L] bool
+    (causal, both ends valid); geometry: the model's `geometry` of the query-key layout.
+    """
+
+    pos: Tensor
+    valid: Tensor
+    mask: Tensor
+    geometry: Any
+
+
+class Extension:
+    """What an `extend` call tells every block: the new events' absolute positions and times, and the
+    geometry of their layout against a layer's kept tokens (layers that kept the same tokens share it)."""
+
+    def __init__(self, geometry_of, q_pos: Tensor, ts: Tensor):
+        self.geometry_of = geometry_of  # the model's `geometry`
+        self.q_pos, self.ts = q_pos, ts  # [n] int64 each
+        self._last: tuple[Tensor, Tensor, Any] | None = None
+
+    def geometry(self, k_pos: Tensor, k_ts: Tensor):
+        """Geometry of the new queries against keys at k_pos, k_ts ([T] int64), as [1, n, T] layouts."""
+        last = self._last
+        if last is None or not (torch.equal(last[0], k_pos) and torch.equal(last[1], k_ts)):
+            rel_pos = (self.q_pos[:, None] - k_pos[None, :])[None]  # [1, n, T]
+            rel_ts = (self.ts[:, None] - k_ts[None, :])[None]
+            self._last = last = (k_pos, k_ts, self.geometry_of(rel_pos, rel_ts))
+        return last[2]
+
+
+@dataclass
+class LayerStats:
+    """One block's attention statistics for one `extend` call (see AttentionStats)."""
+
+    received: Tensor  # [H, T] attention each kept key received from the new queries
+    window: Tensor  # [H, w, T] the weights of the last w new queries
+    macs: int
+
+
 class Block(nn.Module):
-    """One attention layer. Shapes: B users, n queries, T keys, H heads, D model width."""
+    """One layer. It owns its part of the user's state: what it keeps (`empty_state`) and how new events
+    extend it (`extend`), so a block that keeps latents or a fixed-size matrix needs nothing from the
+    rest of the model. `forward` (training) and `extend` (serving) must agree: extending a state with
+    events gives the hidden vectors that `forward` gives for them after the same history.
+    Shapes: B users, L or n events, D model width."""
+
+    state_kind: ClassVar[str]  # the State.kind of a model made of these blocks
+
+    def forward(self, x: Tensor, window: Window) -> Tensor:
+        """x [B, L, D] -> [B, L, D], causal over the window."""
+        raise NotImplementedError
+
+    def empty_state(self, device: torch.device) -> LayerState:
+        raise NotImplementedError
+
+    def extend(self, x: Tensor, part: LayerState, ext: Extension) -> tuple[Tensor, LayerState, LayerStats]:
+        """x [1, n, D] of the new events -> their output [1, n, D], this layer's extended state (a new
+        LayerState; `part` is left as it was) and the call's attention statistics."""
+        raise NotImplementedError
+
+
+class KVAttention(Block):
+    """A block that caches every event's key and value: the token state "kv" (k [H, T, d_k], v [H, T,
+    d_v]). Subclasses say how to project (`qkv`), how to weigh keys (`weights`) and how to fold the
+    attention output back (`output`); training and serving share all three."""
+
+    state_kind = "kv"
+    cfg: ModelConfig
 
     def qkv(self, x: Tensor, pos: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """x [B, n, D], pos [B, n] -> q, k [B, H, n, d_k], v [B, H, n, d_v], ctx (for `output`)."""
@@ -57,8 +129,7 @@ class Block(nn.Module):
         """Attention weights [B, H, n, T] applied to the values.
 
         q [B, H, n, d_k], k [B, H, T, d_k]; geometry: what the model's `geometry` derived from relative
-        positions and times, once for all layers; key_weight [B, T] (a merged key stands for that many
-        events); mask [B, n, T] bool.
+        positions and times; key_weight [B, T] (a merged key stands for that many events); mask [B, n, T].
         """
         raise NotImplementedError
 
@@ -66,13 +137,42 @@ class Block(nn.Module):
         """x [B, n, D], attn [B, H, n, d_v] (weights @ values) -> new residual stream [B, n, D]."""
         raise NotImplementedError
 
+    def forward(self, x: Tensor, window: Window) -> Tensor:
+        q, k, v, ctx = self.qkv(x, window.pos)
+        w = self.weights(q, k, window.geometry, window.valid.to(x.dtype), window.mask)
+        return self.output(x, w @ v, ctx)
+
+    def empty_state(self, device: torch.device) -> LayerState:
+        cfg = self.cfg
+        return LayerState({"k": torch.zeros(cfg.heads, 0, cfg.d_k, device=device),
+                           "v": torch.zeros(cfg.heads, 0, cfg.d_v, device=device)})
+
+    def extend(self, x: Tensor, part: LayerState, ext: Extension) -> tuple[Tensor, LayerState, LayerStats]:
+        cfg, n = self.cfg, x.shape[1]
+        q, k, v, ctx = self.qkv(x, ext.q_pos[None])
+        keys = torch.cat([part.tokens["k"], k[0]], dim=1)  # [H, T, d_k], T = T_cached + n
+        values = torch.cat([part.tokens["v"], v[0]], dim=1)  # [H, T, d_v]
+        k_pos = torch.cat([part.pos, ext.q_pos])  # [T]
+        k_ts = torch.cat([part.ts, ext.ts])
+        k_weight = torch.cat([part.weight, torch.ones(n, device=x.device, dtype=keys.dtype)])
+        mask = (ext.q_pos[:, None] >= k_pos[None, :])[None]  # [1, n, T]
+        w = self.weights(q, keys[None], ext.geometry(k_pos, k_ts), k_weight[None], mask)  # [1, H, n, T]
+        x = self.output(x, w @ values[None], ctx)
+        stats = LayerStats(w[0].abs().sum(1), w[0, :, -cfg.obs_window:].abs(),
+                           cfg.heads * n * keys.shape[1] * (cfg.d_k + cfg.d_v))
+        return x, LayerState({"k": keys, "v": values}, k_pos, k_ts, k_weight), stats
+
 
 class SequentialRecommender(nn.Module):
-    """Base class of HSTU and SASRec: embeddings, forward/prefill/extend, score and top-k."""
+    """Base of every backbone: embeddings, forward/prefill/extend over its blocks, score and top-k."""
 
     def __init__(self, cfg: ModelConfig, blocks: list[Block]):
         super().__init__()
+        kinds = {block.state_kind for block in blocks}
+        if len(kinds) != 1:
+            raise ValueError(f"a model's blocks must keep one kind of state, got {sorted(kinds)}")
         self.cfg = cfg
+        self.state_kind = kinds.pop()
         self.item_emb = nn.Embedding(cfg.num_items + 1, cfg.dim)  # last row: out-of-vocabulary item
         self.action_emb = nn.Embedding(cfg.num_actions, cfg.dim)
         self.blocks = nn.ModuleList(blocks)
@@ -102,12 +202,9 @@ class SequentialRecommender(nn.Module):
         rel_pos = pos[:, :, None] - pos[:, None, :]  # [B, L, L]
         rel_ts = ts[:, :, None] - ts[:, None, :]
         mask = valid[:, None, :] & (rel_pos >= 0) & valid[:, :, None]
-        key_weight = valid.to(x.dtype)
-        geometry = self.geometry(rel_pos, rel_ts)
+        window = Window(pos, valid, mask, self.geometry(rel_pos, rel_ts))
         for block in self.blocks:
-            q, k, v, ctx = block.qkv(x, pos)
-            w = block.weights(q, k, geometry, key_weight, mask)
-            x = block.output(x, w @ v, ctx)
+            x = block(x, window)
         return self.final_norm(x)
 
     def geometry(self, rel_pos: Tensor, rel_ts: Tensor):
@@ -118,19 +215,13 @@ class SequentialRecommender(nn.Module):
     # ----------------------------------------------------------------------------- serving
 
     def empty_state(self) -> State:
-        cfg, dev = self.cfg, self.item_emb.weight.device
-        n = cfg.layers
-        return State(
-            k=[torch.zeros(cfg.heads, 0, cfg.d_k, device=dev) for _ in range(n)],
-            v=[torch.zeros(cfg.heads, 0, cfg.d_v, device=dev) for _ in range(n)],
-            pos=[torch.zeros(0, dtype=torch.long, device=dev) for _ in range(n)],
-            ts=[torch.zeros(0, dtype=torch.long, device=dev) for _ in range(n)],
-            weight=[torch.zeros(0, device=dev) for _ in range(n)],
-        )
+        dev = self.item_emb.weight.device
+        return State(self.state_kind, [block.empty_state(dev) for block in self.blocks])
 
     @torch.no_grad()
     def extend(self, state: State, events: Events) -> tuple[State, Tensor | None, AttentionStats]:
-        """Fold `events` into `state`: only the new tokens are computed, attending to the cached ones.
+        """Fold `events` into `state`: only the new tokens are computed, each block extending its own
+        part of the state against what it cached.
 
         Returns a new state (the input is not modified), the last event's hidden [D] (the state's
         previous one when there are no events) and the attention statistics of this call.
@@ -138,38 +229,24 @@ class SequentialRecommender(nn.Module):
         dev = self.item_emb.weight.device
         n = len(events)
         if n == 0:  # nothing to fold in: the same state, and no key received any attention
-            zeros = [torch.zeros(self.cfg.heads, t.shape[1], device=dev) for t in state.k]  # [H, T_l]
+            zeros = [torch.zeros(self.cfg.heads, part.num_tokens, device=dev) for part in state.layers]  # [H, T_l]
             window = [z.new_zeros(z.shape[0], 0, z.shape[1]) for z in zeros]  # [H, 0, T_l]
             return state, state.last_hidden, AttentionStats(zeros, window)
         items, ts, actions = (t.to(dev) for t in (events.items, events.ts, events.actions))
-        q_pos = state.events_consumed + torch.arange(n, device=dev)  # [n]
+        ext = Extension(self.geometry, state.events_consumed + torch.arange(n, device=dev), ts)
         x = self.embed(items, actions)[None]  # [1, n, D]
+        layers, stats = [], []
+        for part, block in zip(state.layers, self.blocks):
+            x, part, layer_stats = block.extend(x, part, ext)
+            layers.append(part)
+            stats.append(layer_stats)
+        hidden = self.final_norm(x[0, -1])
         # extras are aligned with the token axis: new tokens start at zero (e.g. no accumulated attention)
-        new = State(k=[], v=[], pos=[], ts=[], weight=[], events_consumed=state.events_consumed + n,
-                    extras={name: [F.pad(t, (0, n)) for t in per_layer] for name, per_layer in state.extras.items()})
-        received, window, macs = [], [], 0
-        for layer, block in enumerate(self.blocks):
-            q, k, v, ctx = block.qkv(x, q_pos[None])
-            keys = torch.cat([state.k[layer], k[0]], dim=1)  # [H, T, d_k], T = T_cached + n
-            values = torch.cat([state.v[layer], v[0]], dim=1)  # [H, T, d_v]
-            k_pos = torch.cat([state.pos[layer], q_pos])  # [T]
-            k_ts = torch.cat([state.ts[layer], ts])
-            k_weight = torch.cat([state.weight[layer], torch.ones(n, device=dev, dtype=keys.dtype)])
-            rel_pos = q_pos[:, None] - k_pos[None, :]  # [n, T]
-            if layer == 0 or not (torch.equal(k_pos, new.pos[-1]) and torch.equal(k_ts, new.ts[-1])):
-                geometry = self.geometry(rel_pos[None], (ts[:, None] - k_ts[None, :])[None])  # layers may differ
-            w = block.weights(q, keys[None], geometry, k_weight[None], (rel_pos >= 0)[None])  # [1, H, n, T]
-            x = block.output(x, w @ values[None], ctx)
-            new.k.append(keys)
-            new.v.append(values)
-            new.pos.append(k_pos)
-            new.ts.append(k_ts)
-            new.weight.append(k_weight)
-            received.append(w[0].abs().sum(1))  # [H, T]
-            window.append(w[0, :, -self.cfg.obs_window:].abs())  # [H, w, T]
-            macs += self.cfg.heads * n * keys.shape[1] * (self.cfg.d_k + self.cfg.d_v)
-        new.last_hidden = self.final_norm(x[0, -1])
-        return new, new.last_hidden, AttentionStats(received, window, macs)
+        extras = {name: [F.pad(t, (0, part.num_tokens - t.shape[-1])) for t, part in zip(per_layer, layers)]
+                  for name, per_layer in state.extras.items()}
+        new = State(state.kind, layers, hidden, state.events_consumed + n, extras)
+        return new, hidden, AttentionStats([s.received for s in stats], [s.window for s in stats],
+                                           sum(s.macs for s in stats))
 
     @torch.no_grad()
     def prefill(self, events: Events, chunk: int = 1024) -> tuple[State, Tensor | None, AttentionStats]:
@@ -179,7 +256,7 @@ class SequentialRecommender(nn.Module):
         """
         state, hidden = self.empty_state(), None
         received: list[Tensor] | None = None
-        stats = AttentionStats([], [])
+        stats, macs = AttentionStats([], []), 0
         for start in range(0, max(len(events), 1), chunk):
             state, hidden, stats = self.extend(state, events[start:start + chunk])
             if received is not None:

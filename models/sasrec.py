@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 
 import torch
-from kvrec.models.recommender import Block, ModelConfig, SequentialRecommender
+from kvrec.models.recommender import KVAttention, ModelConfig, SequentialRecommender
 from torch import Tensor, nn
 
 
@@ -25,7 +25,7 @@ def rotate(x: Tensor, pos: Tensor, base: float = 10000.0) -> Tensor:
     return torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2)
 
 
-class SASRecBlock(Block):
+class SASRecBlock(KVAttention):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg

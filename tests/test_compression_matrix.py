@@ -55,7 +55,7 @@ def context(model):
 
 
 def finite(state) -> bool:
-    return all(torch.isfinite(t).all() for t in state.k + state.v + state.weight)
+    return all(torch.isfinite(t).all() for t in [*state.k, *state.v, *state.weight])
 
 
 @pytest.mark.parametrize("name", [n for n in SPECS if n != "recompute"])
@@ -70,14 +70,14 @@ def test_policy_contract(name, model, context):
     decoded = decode_state(blob, pipeline, FP)
     assert finite(state) and finite(decoded)
     assert [t.tolist() for t in decoded.pos] == [t.tolist() for t in state.pos]
-    for a, b in zip(state.k + state.v, decoded.k + decoded.v):
+    for a, b in zip([*state.k, *state.v], [*decoded.k, *decoded.v]):
         if name in LOSSLESS:
             assert torch.equal(a, b)
         else:
             assert (a - b).norm() < a.norm()  # lossy, but closer than nothing
     # re-encoding what was decoded is a fixed point
     again = decode_state(encode_state(decoded, pipeline, FP), pipeline, FP)
-    for a, b in zip(decoded.k + decoded.v, again.k + again.v):
+    for a, b in zip([*decoded.k, *decoded.v], [*again.k, *again.v]):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-3)
     # the model still extends the decoded state, and the pipeline keeps its budget request after request
     for request in range(3):

@@ -7,7 +7,7 @@ from kvrec.compression import PolicyContext, decode_state, encode_state, parse_p
 from kvrec.compression.policies.lowrank import fit_svd_bases
 from kvrec.models.recommender import ModelConfig
 from kvrec.models.registry import build_model
-from kvrec.models.state import AttentionStats, Events, State
+from kvrec.models.state import AttentionStats, Events, LayerState, State
 
 H, D = 2, 8
 FP = "fp"
@@ -16,11 +16,9 @@ FP = "fp"
 def make_state(t: int, layers: int = 2, seed: int = 0) -> State:
     """Random K/V for t consecutive events, the same positions in every layer."""
     g = torch.Generator().manual_seed(seed)
-    return State(k=[torch.randn(H, t, D, generator=g) for _ in range(layers)],
-                 v=[torch.randn(H, t, D, generator=g) for _ in range(layers)],
-                 pos=[torch.arange(t) for _ in range(layers)], ts=[torch.arange(t) * 10 for _ in range(layers)],
-                 weight=[torch.ones(t) for _ in range(layers)], last_hidden=torch.randn(16, generator=g),
-                 events_consumed=t)
+    parts = [LayerState({"k": torch.randn(H, t, D, generator=g), "v": torch.randn(H, t, D, generator=g)},
+                        torch.arange(t), torch.arange(t) * 10, torch.ones(t)) for _ in range(layers)]
+    return State("kv", parts, last_hidden=torch.randn(16, generator=g), events_consumed=t)
 
 
 def stats_with(received: torch.Tensor, layers: int = 2, window: torch.Tensor | None = None) -> AttentionStats:
@@ -61,11 +59,11 @@ def test_h2o_keeps_heavy_hitters_accumulated_across_requests_plus_recent():
     assert state.extras["acc"][0][0].tolist() == [1.0, 1.25, 1.5, 0.0, 0.0]
     # the next request adds tokens 10 and 11 (extend pads extras with zeros); this call looks at token 8
     # most, but the total since entry decides: 5 (1.5) and 3 (1.3) beat 8 (0.9) and 1 (1.0)
-    for name in ("k", "v"):
-        setattr(state, name, [torch.cat([x, torch.randn(H, 2, D)], 1) for x in getattr(state, name)])
-    state.pos = [torch.cat([p, torch.tensor([10, 11])]) for p in state.pos]
-    state.ts = [torch.cat([p, torch.tensor([100, 110])]) for p in state.ts]
-    state.weight = [torch.ones(7) for _ in range(2)]
+    for part in state.layers:
+        part.tokens = {name: torch.cat([x, torch.randn(H, 2, D)], 1) for name, x in part.tokens.items()}
+        part.pos = torch.cat([part.pos, torch.tensor([10, 11])])
+        part.ts = torch.cat([part.ts, torch.tensor([100, 110])])
+        part.weight = torch.ones(7)
     state.extras["acc"] = [torch.nn.functional.pad(a, (0, 2)) for a in state.extras["acc"]]
     second = torch.zeros(7)
     second[[1, 3]] = torch.tensor([0.05, 0.9])  # tokens 3 and 8
@@ -86,7 +84,8 @@ def test_knorm_keeps_the_lowest_key_norms():
     state = make_state(12)
     scale = torch.ones(12)
     scale[[2, 7, 9]] = 0.01
-    state.k = [k * scale[None, :, None] for k in state.k]
+    for layer, k in enumerate(state.k):
+        state.k[layer] = k * scale[None, :, None]
     assert kept(parse_policy("knorm:budget=3").compress(state, None)) == [2, 7, 9]
 
 
@@ -149,7 +148,8 @@ def test_kivi_keeps_recent_exact_and_quantizes_keys_per_channel():
     state = make_state(t)
     # every channel lives on its own scale: per-channel quantization is nearly exact, per-token is not
     offsets = torch.arange(D).float() * 100.0
-    state.k = [k * 0.01 + offsets for k in state.k]
+    for layer, k in enumerate(state.k):
+        state.k[layer] = k * 0.01 + offsets
     out = round_trip(state, "kivi:bits=2,residual=8,group=16")
     quantized = (t - 8) // 16 * 16  # 32: two whole key groups; tokens 32.. stay exact (>= the last 8)
     for layer in range(2):
@@ -164,7 +164,8 @@ def test_kivi_keeps_recent_exact_and_quantizes_keys_per_channel():
 
 def test_int8_per_token_scales_isolate_outliers():
     state = make_state(10)
-    state.k = [k.clone() for k in state.k]
+    for layer, k in enumerate(state.k):
+        state.k[layer] = k.clone()
     state.k[0][:, 3] *= 1000.0
     out = round_trip(state, "int8")
     others = torch.cat([state.k[0][:, :3], state.k[0][:, 4:]], 1)
@@ -214,7 +215,7 @@ def test_svd_reconstructs_a_low_rank_state_exactly():
             flat = x.transpose(0, 1).reshape(x.shape[1], -1)
             getattr(state, name)[layer] = (flat @ b @ b.T).reshape(x.shape[1], H, D).transpose(0, 1)
     out = round_trip(state, "svd:rank=5", context)
-    for a, b in zip(state.k + state.v, out.k + out.v):
+    for a, b in zip([*state.k, *state.v], [*out.k, *out.v]):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
     lossy = round_trip(state, "svd:rank=2", context)
     assert (lossy.k[0] - state.k[0]).abs().max() > 1e-3
@@ -252,6 +253,6 @@ def test_minicache_shares_aligned_directions_and_retains_the_rest():
     assert parts["0.mi"].tolist() == [i for i in range(12) if i not in (4, 9)]
     assert parts["0.k"].shape == (H, 2, D)  # the two unmergeable tokens, retained as they are
     out = decode_state(encode_state(state, pipeline, FP), pipeline, FP)
-    for a, b in zip(state.k + state.v, out.k + out.v):
+    for a, b in zip([*state.k, *state.v], [*out.k, *out.v]):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
     assert len(encode_state(state, pipeline, FP)) < len(encode_state(state, parse_policy("full"), FP))

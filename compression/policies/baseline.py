@@ -2,29 +2,29 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
-from kvrec.compression.base import Dims, Policy, Storage
+from kvrec.compression.base import PerTensor, Policy
 from kvrec.compression.registry import register
-from kvrec.models.state import State
 from torch import Tensor
 
 
 @register
 @dataclass
-class Full(Storage):
-    """Uncompressed fp32 K/V: the cached state exactly as the model computed it."""
+class Full(PerTensor):
+    """Uncompressed fp32 tensors: the cached state exactly as the model computed it."""
 
     name = "full"
 
-    def pack_layer(self, state: State, layer: int) -> dict[str, Tensor]:
-        return {"k": state.k[layer].float(), "v": state.v[layer].float()}  # [H, T, d_k], [H, T, d_v]
+    def encode(self, x: Tensor) -> dict[str, Tensor]:
+        return {"": x.float()}
 
-    def unpack_layer(self, layer: int, parts: dict[str, Tensor], tokens: int, dims: Dims) -> tuple[Tensor, Tensor]:
-        return parts["k"], parts["v"]
+    def decode(self, parts: dict[str, Tensor], shape: tuple[int, ...]) -> Tensor:
+        return parts[""]
 
-    def kv_bytes(self, tokens: int, dims: Dims) -> int:
-        return 4 * dims.heads * tokens * (dims.d_k + dims.d_v)
+    def nbytes(self, shape: tuple[int, ...]) -> int:
+        return 4 * math.prod(shape)
 
 
 @register

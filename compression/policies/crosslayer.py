@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from kvrec.compression.base import Dims, Storage
+from kvrec.compression.base import Dims, KVStorage, Shapes, kv_dims
 from kvrec.compression.policies.lowrank import FLOAT_TYPES, float_type
 from kvrec.compression.registry import register
 from kvrec.models.state import State
@@ -15,7 +15,7 @@ from torch import Tensor
 
 @register
 @dataclass
-class MiniCache(Storage):
+class MiniCache(KVStorage):
     """MiniCache (Liu et al., NeurIPS 2024, "MiniCache: KV Cache Compression in Depth Dimension").
 
     Layers are paired (0-1, 2-3, ...). For a token present in both layers of a pair (same position) whose
@@ -56,12 +56,13 @@ class MiniCache(Storage):
                     out[f"{layer}.{name}"] = x[layer][:, retained(state.tokens(layer), merged)].to(dtype)
         return out
 
-    def unpack(self, parts: dict[str, Tensor], tokens: list[int], dims: Dims) -> tuple[list[Tensor], list[Tensor]]:
-        out: dict[str, list[Tensor]] = {"k": [], "v": []}
+    def unpack(self, parts: dict[str, Tensor], shapes: list[Shapes]) -> list[dict[str, Tensor]]:
+        tokens = [kv_dims(layer_shapes)[0] for layer_shapes in shapes]
+        dims = kv_dims(shapes[0])[1] if shapes else None
+        out: list[dict[str, Tensor]] = [{} for _ in shapes]
         for a in range(0, len(tokens), 2):
             if a + 1 == len(tokens):
-                out["k"].append(parts[f"{a}.k"].float())
-                out["v"].append(parts[f"{a}.v"].float())
+                out[a] = {"k": parts[f"{a}.k"].float(), "v": parts[f"{a}.v"].float()}
                 break
             for name, d in (("k", dims.d_k), ("v", dims.d_v)):
                 direction, norms = parts[f"{a}.d{name}"].float(), parts[f"{a}.n{name}"]
@@ -70,8 +71,8 @@ class MiniCache(Storage):
                     x = torch.empty(dims.heads, tokens[layer], d)
                     x[:, merged] = direction * norms[side][..., None]
                     x[:, retained(tokens[layer], merged)] = parts[f"{layer}.{name}"].float()
-                    out[name].append(x)
-        return out["k"], out["v"]
+                    out[layer][name] = x
+        return out
 
     def kv_bytes(self, tokens: int, dims: Dims) -> int:
         """Bound: nothing merges (a merged pair costs less than two retained tokens)."""

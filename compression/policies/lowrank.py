@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from kvrec.compression.base import Dims, PolicyContext, PolicyError, Storage
+from kvrec.compression.base import Dims, KVStorage, PolicyContext, PolicyError, Storage
 from kvrec.compression.registry import register
 from kvrec.models.state import Events, State
 from safetensors.torch import load_file, save_file
@@ -61,7 +61,7 @@ def fit_svd_bases(model, histories: list[Events], max_tokens: int = 65536) -> di
 
 @register
 @dataclass
-class SVD(Storage):
+class SVD(KVStorage):
     """Palu-style low-rank state (Chang et al., ICLR 2025, "Palu: KV-Cache Compression with Low-Rank
     Projection"): per layer, fixed rank-`rank` bases for K and for V (heads concatenated), fitted offline
     by SVD of calibration states and saved beside the checkpoint; the blob stores each token's `rank`
@@ -113,7 +113,7 @@ class SVD(Storage):
 
 @register
 @dataclass
-class Think(Storage):
+class Think(KVStorage):
     """ThinK (Xu et al., ICLR 2025, "ThinK: Thinner Key Cache by Query-Driven Pruning"): prune the least
     important key channels of each head, keeping the fraction `keep`. ThinK scores channel c by
     |Q_c| |K_c| with the latest queries; the state holds no queries, so the score here is the key

@@ -21,15 +21,16 @@ from torch import Tensor
 def fold(state: State, layer: int, group: Tensor, groups: int) -> None:
     """Replace the tokens of `layer` by `groups` weighted means; token i goes to group[i] ([T] int64).
 
-    K, V are weight-averaged, weights and extras summed; pos and ts are left for the caller to set.
+    Token tensors (K, V, or whatever the state keeps per token) are weight-averaged, weights and extras
+    summed; pos and ts are left for the caller to set.
     """
-    w = state.weight[layer]  # [T]
+    part = state.layers[layer]
+    w = part.weight  # [T]
     total = torch.zeros(groups).index_add_(0, group, w)  # [G]
     mean = lambda x: torch.zeros(x.shape[0], groups, x.shape[2]).index_add_(1, group, x * w[None, :, None]) / (
-        total[None, :, None])  # [H, T, d] -> [H, G, d]
-    state.k[layer] = mean(state.k[layer])
-    state.v[layer] = mean(state.v[layer])
-    state.weight[layer] = total
+        total[None, :, None])  # [G_heads, T, d] -> [G_heads, groups, d]
+    part.tokens = {name: mean(x) for name, x in part.tokens.items()}
+    part.weight = total
     for per_layer in state.extras.values():
         x = per_layer[layer]  # [..., T]
         per_layer[layer] = torch.zeros(*x.shape[:-1], groups).index_add_(x.dim() - 1, group, x)
@@ -45,6 +46,7 @@ class Merge(TokenPolicy):
     instead of dropping it. The total weight, the number of events the state stands for, is preserved."""
 
     name = "merge"
+    requires = ("tokens", "k")
     uses_acc = True
     budget: int | None = None
     bytes: int | None = None

@@ -1,6 +1,8 @@
 """Precision level: the same tokens, fewer bits per number.
 
-All formats quantize each head's K and V separately. Per-token formats (int8, int4, fp8) give every
+The per-tensor formats (fp16, bf16, fp8, int8, int4) encode any state's tensors row by row (a row is
+one token of one head, or one row of a fixed-size matrix); KIVI and IntactKV are built for keys and
+values. All formats quantize each head's K and V separately. Per-token formats (int8, int4, fp8) give every
 token its own scale, so one token's outlier cannot spoil the others; KIVI observes that keys have outlier
 *channels* and so quantizes keys per channel (across a group of tokens) and values per token.
 """
@@ -11,7 +13,7 @@ import math
 from dataclasses import dataclass
 
 import torch
-from kvrec.compression.base import Dims, Storage
+from kvrec.compression.base import Dims, KVStorage, PerTensor
 from kvrec.compression.quant import FP16_MAX, absmax_scale, dequantize_asym, pack_bits, quantize_asym, unpack_bits
 from kvrec.compression.registry import register
 from kvrec.models.state import State
@@ -21,30 +23,33 @@ FP8_MAX = 448.0  # largest finite float8 e4m3fn
 
 
 def quantize_tokens(x: Tensor, bits: int, group: int) -> dict[str, Tensor]:
-    """Per-token quantization of x [H, T, d]: bits 8 is symmetric absmax with an fp32 scale per token;
-    bits 4 or 2 is asymmetric per group of `group` channels with fp16 scale and zero, codes packed."""
-    h, t, d = x.shape
+    """Per-row quantization of x [..., d] (a row is one token of one head, or one row of a fixed matrix):
+    bits 8 is symmetric absmax with an fp32 scale per row; bits 4 or 2 is asymmetric per group of `group`
+    channels with fp16 scale and zero, codes packed."""
+    *rows, d = x.shape
     if bits == 8:
-        scale = absmax_scale(x, 127.0)  # [H, T, 1]
+        scale = absmax_scale(x, 127.0)  # [..., 1]
         return {"q": (x / scale).round().clamp(-127, 127).to(torch.int8), "s": scale}
     g = group_size(d, group)
-    q, scale, zero = quantize_asym(x.reshape(h, t, d // g, g), -1, bits)  # q [H, T, d/g, g], scale [H, T, d/g, 1]
-    return {"q": pack_bits(q.reshape(h, t, d), bits), "s": scale.reshape(h, t, d // g), "z": zero.reshape(h, t, d // g)}
+    q, scale, zero = quantize_asym(x.reshape(*rows, d // g, g), -1, bits)  # q [..., d/g, g], scale [..., d/g, 1]
+    return {"q": pack_bits(q.reshape(*rows, d), bits), "s": scale.reshape(*rows, d // g),
+            "z": zero.reshape(*rows, d // g)}
 
 
 def dequantize_tokens(parts: dict[str, Tensor], bits: int, group: int, d: int) -> Tensor:
     if bits == 8:
         return parts["q"].float() * parts["s"]
     scale = parts["s"]
-    h, t, ngroups = scale.shape
-    q = unpack_bits(parts["q"], bits, d).reshape(h, t, ngroups, d // ngroups)
-    return dequantize_asym(q, scale[..., None], parts["z"][..., None]).reshape(h, t, d)
+    *rows, ngroups = scale.shape
+    q = unpack_bits(parts["q"], bits, d).reshape(*rows, ngroups, d // ngroups)
+    return dequantize_asym(q, scale[..., None], parts["z"][..., None]).reshape(*rows, d)
 
 
-def token_quant_bytes(heads: int, tokens: int, d: int, bits: int, group: int) -> int:
+def token_quant_bytes(rows: int, d: int, bits: int, group: int) -> int:
+    """Bytes that `quantize_tokens` writes for `rows` rows of d channels."""
     if bits == 8:
-        return heads * tokens * (d + 4)
-    return heads * tokens * (math.ceil(d * bits / 8) + 4 * (d // group_size(d, group)))
+        return rows * (d + 4)
+    return rows * (math.ceil(d * bits / 8) + 4 * (d // group_size(d, group)))
 
 
 def group_size(d: int, group: int) -> int:
@@ -60,21 +65,20 @@ def unprefixed(prefix: str, parts: dict[str, Tensor]) -> dict[str, Tensor]:
     return {name[len(prefix):]: t for name, t in parts.items() if name.startswith(prefix)}
 
 
-class Cast(Storage):
-    """K/V stored in a narrower float type, clamped to its finite range."""
+class Cast(PerTensor):
+    """Tensors stored in a narrower float type, clamped to its finite range."""
 
     dtype: torch.dtype
     limit: float
 
-    def pack_layer(self, state: State, layer: int) -> dict[str, Tensor]:
-        cast = lambda x: x.clamp(-self.limit, self.limit).to(self.dtype)
-        return {"k": cast(state.k[layer]), "v": cast(state.v[layer])}
+    def encode(self, x: Tensor) -> dict[str, Tensor]:
+        return {"": x.clamp(-self.limit, self.limit).to(self.dtype)}
 
-    def unpack_layer(self, layer: int, parts: dict[str, Tensor], tokens: int, dims: Dims) -> tuple[Tensor, Tensor]:
-        return parts["k"].float(), parts["v"].float()
+    def decode(self, parts: dict[str, Tensor], shape: tuple[int, ...]) -> Tensor:
+        return parts[""].float()
 
-    def kv_bytes(self, tokens: int, dims: Dims) -> int:
-        return self.dtype.itemsize * dims.heads * tokens * (dims.d_k + dims.d_v)
+    def nbytes(self, shape: tuple[int, ...]) -> int:
+        return self.dtype.itemsize * math.prod(shape)
 
 
 @register
@@ -99,50 +103,44 @@ class BF16(Cast):
 
 @register
 @dataclass
-class FP8(Storage):
+class FP8(PerTensor):
     """float8 e4m3 codes with an fp32 absmax scale per token and head (the FP8 KV caches of vLLM and
     TensorRT-LLM): about 4x."""
 
     name = "fp8"
 
-    def pack_layer(self, state: State, layer: int) -> dict[str, Tensor]:
-        out = {}
-        for prefix, x in (("k", state.k[layer]), ("v", state.v[layer])):
-            scale = absmax_scale(x, FP8_MAX)  # [H, T, 1]
-            out[prefix + "q"] = (x / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
-            out[prefix + "s"] = scale
-        return out
+    def encode(self, x: Tensor) -> dict[str, Tensor]:
+        scale = absmax_scale(x, FP8_MAX)  # [..., 1]
+        return {"q": (x / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), "s": scale}
 
-    def unpack_layer(self, layer: int, parts: dict[str, Tensor], tokens: int, dims: Dims) -> tuple[Tensor, Tensor]:
-        return parts["kq"].float() * parts["ks"], parts["vq"].float() * parts["vs"]
+    def decode(self, parts: dict[str, Tensor], shape: tuple[int, ...]) -> Tensor:
+        return parts["q"].float() * parts["s"]
 
-    def kv_bytes(self, tokens: int, dims: Dims) -> int:
-        return dims.heads * tokens * (dims.d_k + dims.d_v + 8)
+    def nbytes(self, shape: tuple[int, ...]) -> int:
+        return math.prod(shape) + 4 * math.prod(shape[:-1])
 
 
 @register
 @dataclass
-class Int8(Storage):
+class Int8(PerTensor):
     """Symmetric int8 with an fp32 absmax scale per token and head (per-token quantization as in
     ZeroQuant / LLM.int8's vector-wise scheme): about 4x."""
 
     name = "int8"
 
-    def pack_layer(self, state: State, layer: int) -> dict[str, Tensor]:
-        return {**prefixed("k", quantize_tokens(state.k[layer], 8, 0)),
-                **prefixed("v", quantize_tokens(state.v[layer], 8, 0))}
+    def encode(self, x: Tensor) -> dict[str, Tensor]:
+        return quantize_tokens(x, 8, 0)
 
-    def unpack_layer(self, layer: int, parts: dict[str, Tensor], tokens: int, dims: Dims) -> tuple[Tensor, Tensor]:
-        return (dequantize_tokens(unprefixed("k", parts), 8, 0, dims.d_k),
-                dequantize_tokens(unprefixed("v", parts), 8, 0, dims.d_v))
+    def decode(self, parts: dict[str, Tensor], shape: tuple[int, ...]) -> Tensor:
+        return dequantize_tokens(parts, 8, 0, shape[-1])
 
-    def kv_bytes(self, tokens: int, dims: Dims) -> int:
-        return token_quant_bytes(dims.heads, tokens, dims.d_k + dims.d_v, 8, 0) + 4 * dims.heads * tokens
+    def nbytes(self, shape: tuple[int, ...]) -> int:
+        return token_quant_bytes(math.prod(shape[:-1]), shape[-1], 8, 0)
 
 
 @register
 @dataclass
-class Int4(Storage):
+class Int4(PerTensor):
     """Asymmetric 4-bit codes per group of `group` channels of each token, fp16 scale and zero per group
     (the group-wise scheme of FlexGen / Atom KV quantization): about 6x at group 32."""
 
@@ -152,22 +150,19 @@ class Int4(Storage):
     def __post_init__(self) -> None:
         self.check(self.group >= 1, f"group must be >= 1, got {self.group}")
 
-    def pack_layer(self, state: State, layer: int) -> dict[str, Tensor]:
-        return {**prefixed("k", quantize_tokens(state.k[layer], 4, self.group)),
-                **prefixed("v", quantize_tokens(state.v[layer], 4, self.group))}
+    def encode(self, x: Tensor) -> dict[str, Tensor]:
+        return quantize_tokens(x, 4, self.group)
 
-    def unpack_layer(self, layer: int, parts: dict[str, Tensor], tokens: int, dims: Dims) -> tuple[Tensor, Tensor]:
-        return (dequantize_tokens(unprefixed("k", parts), 4, self.group, dims.d_k),
-                dequantize_tokens(unprefixed("v", parts), 4, self.group, dims.d_v))
+    def decode(self, parts: dict[str, Tensor], shape: tuple[int, ...]) -> Tensor:
+        return dequantize_tokens(parts, 4, self.group, shape[-1])
 
-    def kv_bytes(self, tokens: int, dims: Dims) -> int:
-        return (token_quant_bytes(dims.heads, tokens, dims.d_k, 4, self.group)
-                + token_quant_bytes(dims.heads, tokens, dims.d_v, 4, self.group))
+    def nbytes(self, shape: tuple[int, ...]) -> int:
+        return token_quant_bytes(math.prod(shape[:-1]), shape[-1], 4, self.group)
 
 
 @register
 @dataclass
-class Kivi(Storage):
+class Kivi(KVStorage):
     """KIVI (Liu et al., ICML 2024, "KIVI: A Tuning-Free Asymmetric 2bit Quantization for KV Cache").
 
     Keys are quantized per channel over groups of `group` consecutive tokens, values per token (groups of
@@ -213,14 +208,14 @@ class Kivi(Storage):
         """Monotone bound: every token priced as quantized plus a full-precision tail of the largest size."""
         h = dims.heads
         keys = h * math.ceil(tokens * dims.d_k * self.bits / 8) + 4 * h * math.ceil(tokens / self.group) * dims.d_k
-        values = token_quant_bytes(h, tokens, dims.d_v, self.bits, self.group)
+        values = token_quant_bytes(h * tokens, dims.d_v, self.bits, self.group)
         tail = 4 * h * min(tokens, self.residual + self.group - 1) * (dims.d_k + dims.d_v)
         return keys + values + tail
 
 
 @register
 @dataclass
-class Intact(Storage):
+class Intact(KVStorage):
     """IntactKV (Liu et al., ACL Findings 2024, "IntactKV: Improving Large Language Model Quantization by
     Keeping Pivot Tokens Intact").
 
@@ -276,5 +271,5 @@ class Intact(Storage):
         p = min(tokens, self.sink + self.pivots)
         h = dims.heads
         return (4 * p + 4 * h * p * (dims.d_k + dims.d_v)
-                + token_quant_bytes(h, tokens, dims.d_k, self.bits, self.group)
-                + token_quant_bytes(h, tokens, dims.d_v, self.bits, self.group))
+                + token_quant_bytes(h * tokens, dims.d_k, self.bits, self.group)
+                + token_quant_bytes(h * tokens, dims.d_v, self.bits, self.group))

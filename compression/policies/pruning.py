@@ -115,6 +115,7 @@ class KNorm(TokenPolicy):
     (norm averaged over heads). Needs no attention statistics."""
 
     name = "knorm"
+    requires = ("tokens", "k")
     budget: int | None = None
     bytes: int | None = None
 
