@@ -2,8 +2,9 @@
 
 `create_app()` is the factory that uvicorn imports in every worker process (`kvrec.server.app:create_app`,
 `factory=True`), so all configuration comes from the environment through `Settings`. The lifespan loads
-the model and opens the one Redis connection pool; handlers receive the pipeline, the metrics recorder
-and the Redis client as dependencies, from the lifespan state.
+the model and opens the store (one Redis connection pool, shared by the state store and the metrics
+sink); handlers receive the pipeline, the metrics recorder and the store as dependencies, from the
+lifespan state. Nothing here talks to Redis itself: the store's StoreUnavailable becomes a 503.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ from contextlib import asynccontextmanager
 from typing import Annotated
 
 import anyio
-import redis.asyncio as redis
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse
 from kvrec.server.engine import Engine
@@ -30,38 +30,30 @@ from kvrec.server.schemas import (
     StateInfo,
 )
 from kvrec.server.settings import Settings
-from kvrec.server.store import UserStore
-from redis.asyncio.retry import Retry
-from redis.backoff import ExponentialBackoff
+from kvrec.server.store import (
+    RedisStore,
+    StateStore,
+    StoreUnavailable,
+    connect_redis,  # noqa: F401  (kvrec.server.bench_serve imports it from here)
+)
 
 log = logging.getLogger("kvrec.server")
 
 COUNTED_PATHS = ("/recommend", "/users/")  # the serving endpoints; probes and /metrics are not counted
 
 
-def connect_redis(settings: Settings) -> redis.Redis:
-    """One pool per process. Retries are few and short: during an outage a request should fail fast
-    with a 503, not hang; the pool reconnects by itself once Redis is back."""
-    return redis.Redis.from_url(
-        settings.redis_url, max_connections=settings.redis_max_connections,
-        socket_timeout=settings.redis_timeout_s, socket_connect_timeout=settings.redis_timeout_s,
-        retry=Retry(ExponentialBackoff(cap=0.05, base=0.01), retries=2), health_check_interval=30)
-
-
 @asynccontextmanager
 async def lifespan(app: FastAPI):
     settings: Settings = app.state.settings
     engine = await anyio.to_thread.run_sync(Engine.from_settings, settings)
-    client = connect_redis(settings)
-    store = UserStore(client, settings.key_prefix, settings.max_log_events, settings.state_ttl_s,
-                      settings.events_ttl_s)
+    store = RedisStore.connect(settings)
     log.info("serving %s (fingerprint %s) with policy %s, Redis %s", settings.model,
              engine.fingerprint, engine.spec, settings.redis_url_redacted())
     try:
-        yield {"pipeline": RankingPipeline(store, engine, settings), "engine": engine, "redis": client,
-               "metrics": MetricsRecorder(client, settings)}
+        yield {"pipeline": RankingPipeline(store, engine, settings), "store": store,
+               "metrics": MetricsRecorder(store.metrics_sink(settings.metrics_samples), settings)}
     finally:
-        await client.aclose()
+        await store.close()
 
 
 def get_pipeline(request: Request) -> RankingPipeline:
@@ -72,8 +64,13 @@ def get_metrics(request: Request) -> MetricsRecorder:
     return request.state.metrics
 
 
+def get_store(request: Request) -> StateStore:
+    return request.state.store
+
+
 Pipeline = Annotated[RankingPipeline, Depends(get_pipeline)]
 Metrics = Annotated[MetricsRecorder, Depends(get_metrics)]
+Store = Annotated[StateStore, Depends(get_store)]
 
 
 class MetricsMiddleware:
@@ -123,11 +120,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def input_error(request: Request, exc: InputError):
         return JSONResponse({"detail": str(exc)}, status_code=exc.status)
 
-    @app.exception_handler(redis.RedisError)
-    async def redis_down(request: Request, exc: redis.RedisError):
+    @app.exception_handler(StoreUnavailable)
+    async def store_down(request: Request, exc: StoreUnavailable):
         return JSONResponse(
-            {"detail": f"Redis at {settings.redis_url_redacted()} is unavailable ({type(exc).__name__}: "
-                       f"{exc}); nothing was served, retry later"}, status_code=503)
+            {"detail": f"Redis at {settings.redis_url_redacted()} is unavailable ({exc}); nothing was served, "
+                       "retry later"}, status_code=503)
 
     @app.post("/recommend", response_model=RecommendResponse, responses=errors, tags=["serving"])
     async def recommend(body: RecommendRequest, request: Request, pipeline: Pipeline) -> RecommendResponse:
@@ -177,9 +174,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return {"status": "ok"}
 
     @app.get("/readyz", tags=["observability"], responses={503: errors[503]})
-    async def readyz(request: Request, pipeline: Pipeline):
+    async def readyz(pipeline: Pipeline, store: Store):
         """The model is loaded and Redis answers."""
-        await request.state.redis.ping()
+        await store.ping()
         return {"status": "ready", "policy": pipeline.engine.spec, "model": pipeline.engine.fingerprint}
 
     return app

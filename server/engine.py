@@ -1,8 +1,9 @@
-"""The torch side of a request: the model, its item map and the compression policy.
+"""The torch side of a request: the model, its item map, and the one serving step with the policy.
 
 Everything here is synchronous and CPU/GPU bound; the pipeline runs it in a worker thread so the event
-loop never waits on a matrix product. One `compute` call does all the tensor work of a request (decode,
-extend, compress, encode, score) so that a request crosses into the thread pool once.
+loop never waits on a matrix product. One `compute` call does all the tensor work of a request (restore,
+extend, compress, encode, score, through `compression.step.ServingStep`) so that a request crosses into
+the thread pool once. It reads the store's `Snapshot` and never changes it.
 """
 
 from __future__ import annotations
@@ -11,24 +12,23 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-from kvrec.compression.codec import BlobError, decode_state, encode_state
 from kvrec.compression.spec import PolicyContext, parse_policy
+from kvrec.compression.step import ServingStep
 from kvrec.models.checkpoint import Checkpoint, load_checkpoint
 from kvrec.models.state import Events, State
 from kvrec.server.settings import Settings
-from kvrec.server.store import Loaded, unpack_event
+from kvrec.server.store import LoggedEvent, Snapshot, StateStatus
 from torch import Tensor
 
 
-@dataclass
+@dataclass(frozen=True)
 class Work:
-    """What a request hands to the model: what to rank, and the stored state with the log around it."""
+    """What a request asks of the model."""
 
     candidates: Tensor | None = None  # [C] internal ids, None for the whole catalogue
     k: int = 10
     exclude_seen: bool = False  # leave the logged items out of a catalogue top-k (needs the whole log)
     score: bool = True  # False: only bring the state up to date (history bulk load)
-    loaded: Loaded | None = None  # the stored state (if any) and the log entries from `entries_from` on
 
 
 @dataclass
@@ -43,10 +43,6 @@ class Computed:
     timing_ms: dict[str, float] = field(default_factory=dict)
 
 
-class NeedFullLog(Exception):
-    """The stored state could not be used and the events it covered were not loaded: reload the log."""
-
-
 class Engine:
     """A loaded checkpoint with one compression policy."""
 
@@ -56,11 +52,10 @@ class Engine:
         self.policy = parse_policy(policy, context=PolicyContext(model=self.model,
                                                                  checkpoint_path=checkpoint.path))
         self.fingerprint = checkpoint.fingerprint
+        self.step = ServingStep(self.model, self.policy, self.fingerprint, prefill_chunk)
         self.item_ids = checkpoint.item_ids
         self.index = checkpoint.item_index()
         self.oov = self.model.cfg.num_items
-        self.device = self.model.item_emb.weight.device
-        self.prefill_chunk = prefill_chunk
         cfg = self.model.cfg
         self.raw_bytes_per_event = cfg.layers * cfg.heads * (cfg.d_k + cfg.d_v) * 4  # full fp32 K/V
 
@@ -88,91 +83,69 @@ class Engine:
         return [i for i in item_ids if i not in self.index]
 
     @torch.no_grad()
-    def compute(self, work: Work) -> Computed:
-        """Bring the user's state up to date with the log and rank. Raises NeedFullLog when the stored
-        state turns out unusable and the log was loaded only from where that state ended."""
-        timing: dict[str, float] = {}
-        clock = time.perf_counter()
-
-        def lap(stage: str) -> None:
-            nonlocal clock
-            now = time.perf_counter()
-            timing[stage] = timing.get(stage, 0.0) + (now - clock) * 1e3
-            clock = now
-
-        loaded = work.loaded
+    def compute(self, work: Work, snapshot: Snapshot) -> Computed | None:
+        """Bring the user's state up to date with the log and rank. None, having done nothing else, when
+        the stored state does not restore and `snapshot` lacks the events it covered: the caller then
+        loads the whole log and calls again (a rare rebuild costs a second load)."""
         if not self.keeps_state and not work.score:  # a history bulk load with nothing to keep
-            return Computed("recompute", loaded.events_total, 0, None, [], [], 0, timing)
-        state: State | None = None
-        if not self.keeps_state:
-            source = "recompute"
-        elif loaded.state_seq == Loaded.MISSING:
-            source = "miss"
-        elif loaded.state_seq == Loaded.UNUSABLE:
-            source = "rebuild"
-        else:
-            try:
-                state = decode_state(loaded.blob, self.policy, self.fingerprint).to(self.device)
-                source = "hit"
-            except BlobError:
-                source = "rebuild"
-            if state is not None and state.events_consumed != loaded.state_seq:
-                state, source = None, "rebuild"  # a header that disagrees with the store: distrust it
-            lap("decode")
-        if state is None:
-            if loaded.entries_from != loaded.log_start:
-                raise NeedFullLog
-            state = self.model.empty_state()
-            state.events_consumed = loaded.log_start  # positions stay absolute when the log was trimmed
+            return Computed("recompute", snapshot.events_total, 0, None, [], [], 0)
+        clock = time.perf_counter()
+        begun = self._begin(snapshot)
+        if begun is None:
+            return None
+        state, source = begun
+        timing = {"decode": _ms(clock)} if snapshot.state is StateStatus.FOUND and self.keeps_state else {}
 
-        events = self.decode_events(loaded.entries[state.events_consumed - loaded.entries_from:])
-        oov = int((events.items == self.oov).sum())
-        for start in range(0, len(events), self.prefill_chunk):
-            state, _, stats = self.model.extend(state, events[start:start + self.prefill_chunk])
-            lap("extend")
-            state = self.policy.compress(state, stats)
-            lap("compress")
-
-        blob = None
-        if self.keeps_state and (len(events) or source == "rebuild"):
-            blob = encode_state(state.to("cpu"), self.policy, self.fingerprint)
-            lap("encode")
+        events = self._events(snapshot.events[state.events_consumed - snapshot.events_from:])
+        out = self.step.advance(state, events, encode=len(events) > 0 or source == "rebuild")
+        timing.update(out.timing_ms)
 
         ids: list[str] = []
         scores: list[float] = []
         if work.score:
-            ids, scores = self._rank(state, work)
-            lap("score")
-        return Computed(source, state.events_consumed, state.tokens_kept(), blob, ids, scores, oov, timing)
+            clock = time.perf_counter()
+            ids, scores = self._rank(out.hidden, work, snapshot)
+            timing["score"] = _ms(clock)
+        return Computed(source, out.state.events_consumed, out.state.tokens_kept(), out.blob, ids, scores,
+                        int((events.items == self.oov).sum()), timing)
 
-    def decode_events(self, entries: list[bytes]) -> Events:
-        """Packed log entries -> Events of internal ids (unknown items become the out-of-vocabulary id)."""
-        items, ts, actions = [], [], []
-        for entry in entries:
-            item, t, a = unpack_event(entry)
-            items.append(item)
-            ts.append(t)
-            actions.append(a)
-        return Events(self.internal_ids(items), torch.tensor(ts, dtype=torch.long),
-                      torch.tensor(actions, dtype=torch.long))
-
-    def _rank(self, state: State, work: Work) -> tuple[list[str], list[float]]:
-        """Top-k of the candidates (or the catalogue), best first. A user with no history yet has a zero
-        hidden state: every item scores 0."""
-        hidden = state.last_hidden
-        if hidden is None:
-            hidden = torch.zeros(self.model.cfg.dim, device=self.device)
-        hidden = hidden[None]
-        if work.candidates is None:
-            exclude = None
-            if work.exclude_seen:
-                exclude = [self.internal_ids([unpack_event(e)[0] for e in work.loaded.entries])]
-            top, idx = self.model.topk(hidden, work.k, exclude)
-            top, idx = top[0], idx[0]
+    def _begin(self, snapshot: Snapshot) -> tuple[State, str] | None:
+        """The restore-or-rebuild decision: the stored state when it restores (hit), else an empty state
+        at the start of the kept log (recompute: the policy keeps none; miss: none stored; rebuild: one
+        that cannot be used). None when a rebuild needs the events that `snapshot` skipped."""
+        if self.keeps_state and snapshot.state is StateStatus.FOUND:
+            state = self.step.restore(snapshot.blob, snapshot.state_seq)
+            if state is not None:
+                return state, "hit"
+            if snapshot.events_from != snapshot.log_start:
+                return None
+        if not self.keeps_state:
+            source = "recompute"
         else:
-            cand = work.candidates.to(hidden.device)
-            scores = self.model.score(hidden, cand[None])[0]
-            top, order = scores.topk(min(work.k, scores.shape[0]))
-            idx = cand[order]
+            source = "miss" if snapshot.state is StateStatus.MISSING else "rebuild"
+        return self.step.start(snapshot.log_start), source  # positions stay absolute in a trimmed log
+
+    def _events(self, logged: tuple[LoggedEvent, ...]) -> Events:
+        """Logged events -> Events of internal ids (unknown items become the out-of-vocabulary id)."""
+        return Events(self.internal_ids([e.item_id for e in logged]),
+                      torch.tensor([e.ts for e in logged], dtype=torch.long),
+                      torch.tensor([e.action for e in logged], dtype=torch.long))
+
+    def _rank(self, hidden: Tensor | None, work: Work, snapshot: Snapshot) -> tuple[list[str], list[float]]:
+        """Top-k of the candidates (or the catalogue, without the logged items under `exclude_seen`),
+        best first. hidden [D], or None for a user with no history yet."""
+        scores = self.step.scores(hidden, work.candidates)  # [C] or [N]
+        if work.candidates is None:
+            ids = torch.arange(scores.shape[0], device=scores.device)
+            if work.exclude_seen:  # the snapshot holds the whole log
+                seen = self.internal_ids([e.item_id for e in snapshot.events]).to(scores.device)
+                scores = scores.index_fill(0, seen[seen < scores.shape[0]], -torch.inf)
+        else:
+            ids = work.candidates.to(scores.device)
+        top, order = scores.topk(min(work.k, scores.shape[0]))
         keep = torch.isfinite(top)  # excluded items score -inf: fewer eligible items than k
-        return [self.item_ids[i] for i in idx[keep].tolist()], top[keep].tolist()
+        return [self.item_ids[i] for i in ids[order][keep].tolist()], top[keep].tolist()
+
+
+def _ms(since: float) -> float:
+    return (time.perf_counter() - since) * 1e3

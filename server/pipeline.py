@@ -1,9 +1,10 @@
 """One request, as data: validate, append, load, compute (in a thread), compare-and-set, answer.
 
     append   the new events go to the user's log first: the log is the truth, and it numbers them
-    load     the state blob and the log entries it has not folded in (the whole log for a rebuild,
+    load     the state blob and the logged events it has not folded in (the whole log for a rebuild,
              for `exclude_seen`, or when the policy keeps no state)
-    compute  decode, extend with the missing events, compress, encode, score: one hop to a thread
+    compute  restore (or rebuild), extend with the missing events, compress, encode, score: one hop to
+             a thread; a stored state that turns out not to restore costs a second load of the whole log
     store    compare-and-set the new state (only if it has folded in more events than the stored one)
              together with this answer, which the user's next events will grade (online accuracy)
 
@@ -15,17 +16,16 @@ from a state that holds its own events; the stored state only ever moves forward
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import dataclass
 
 import anyio
 import torch
-from kvrec.server.engine import Computed, Engine, NeedFullLog, Work
+from kvrec.server.engine import Computed, Engine, Work
 from kvrec.server.schemas import Event, RecommendRequest
 from kvrec.server.settings import Settings
-from kvrec.server.store import Loaded, TimestampError, UserStore
+from kvrec.server.store import Appended, Snapshot, StateStore, Stored, TimestampError
 
 ACCURACY_AT = 10
 
@@ -66,7 +66,7 @@ class Served:
 class RankingPipeline:
     """The request path, shared by the HTTP endpoints and `kvrec bench serve`."""
 
-    def __init__(self, store: UserStore, engine: Engine, settings: Settings):
+    def __init__(self, store: StateStore, engine: Engine, settings: Settings):
         self.store = store
         self.engine = engine
         self.settings = settings
@@ -83,7 +83,7 @@ class RankingPipeline:
         timing = {"append": _ms(start)}
         return await self._bring_up_to_date(
             user_id, Work(candidates, req.k, req.exclude_seen), timing, start,
-            new_items=[item for item, _, _ in events], previous_topk=appended.previous_topk)
+            new_items=[item for item, _, _ in events], previous_answer=appended.previous_answer)
 
     async def put_history(self, user_id: str | int, events: list[Event]) -> Served:
         """Replace the user's history with `events` and build its state, without ranking."""
@@ -100,52 +100,55 @@ class RankingPipeline:
 
     # ----------------------------------------------------------------------------- stages
 
-    async def _append(self, user_id: str, events: list[tuple[str, int, int]], replace: bool):
+    async def _append(self, user_id: str, events: list[tuple[str, int, int]], replace: bool) -> Appended:
         try:
             return await self.store.append(user_id, events, replace=replace)
         except TimestampError as exc:
             raise InputError(422, str(exc)) from exc
 
     async def _bring_up_to_date(self, user_id: str, work: Work, timing: dict[str, float], start: float,
-                                new_items: list[str] | None = None, previous_topk: bytes = b"") -> Served:
+                                new_items: list[str] | None = None,
+                                previous_answer: list[str] | None = None) -> Served:
         """Load, compute and store for a user whose new events are already appended."""
         keeps_state = self.engine.keeps_state
         clock = time.perf_counter()
-        work.loaded = await self.store.load(user_id, want_state=keeps_state,
-                                            want_all=work.exclude_seen or not keeps_state)
+        snapshot = await self.store.load(user_id, with_state=keeps_state,
+                                         whole_log=work.exclude_seen or not keeps_state)
         timing["load"] = _ms(clock)
-        try:
-            computed = await anyio.to_thread.run_sync(self.engine.compute, work, limiter=self.limiter)
-        except NeedFullLog:  # the stored state was unusable: fold the whole log in instead
+        computed = await self._compute(work, snapshot)
+        if computed is None:  # the stored state did not restore: the engine rebuilds it from the whole log
             clock = time.perf_counter()
-            work.loaded = await self.store.load(user_id, want_state=False, want_all=True)
-            work.loaded.state_seq = Loaded.UNUSABLE
+            snapshot = await self.store.load(user_id, with_state=True, whole_log=True)
             timing["load"] += _ms(clock)
-            computed = await anyio.to_thread.run_sync(self.engine.compute, work, limiter=self.limiter)
+            computed = await self._compute(work, snapshot)
         for stage, ms in computed.timing_ms.items():
             timing[stage] = timing.get(stage, 0.0) + ms
 
         clock = time.perf_counter()
-        topk = json.dumps(computed.item_ids[:ACCURACY_AT]).encode() if work.score else b""
-        written = 1
-        if work.loaded.epoch and (computed.blob is not None or topk):
-            written = await self.store.store(user_id, work.loaded.epoch, computed.events_seen, computed.blob,
-                                             topk)
+        answer = computed.item_ids[:ACCURACY_AT] if work.score else None
+        stored = Stored.STORED
+        if snapshot.epoch and (computed.blob is not None or answer is not None):
+            stored = await self.store.store(user_id, snapshot.epoch, computed.events_seen, computed.blob, answer)
             timing["store"] = _ms(clock)
         if computed.blob is not None:
             state_bytes = len(computed.blob)
         elif computed.source == "hit":
-            state_bytes = len(work.loaded.blob)
+            state_bytes = len(snapshot.blob)
         else:
             state_bytes = 0
         timing["total"] = _ms(start)
         sample = RequestSample(
-            timing_ms=timing, source=computed.source, cas_lost=written == 0, oov_events=computed.oov_events,
-            user_id=user_id, state_bytes=state_bytes if written == 1 and computed.blob is not None else None,
+            timing_ms=timing, source=computed.source, cas_lost=stored is Stored.STALE,
+            oov_events=computed.oov_events, user_id=user_id,
+            state_bytes=state_bytes if stored is Stored.STORED and computed.blob is not None else None,
             tokens_kept=computed.tokens_kept, events_seen=computed.events_seen,
-            accuracy=_grade(previous_topk, new_items or []))
+            accuracy=_grade(previous_answer, new_items or []))
         return Served(user_id, list(zip(computed.item_ids, computed.scores)), computed, state_bytes, timing,
                       sample)
+
+    async def _compute(self, work: Work, snapshot: Snapshot) -> Computed | None:
+        """The engine's tensor work, in a worker thread (at most `compute_concurrency` at once)."""
+        return await anyio.to_thread.run_sync(self.engine.compute, work, snapshot, limiter=self.limiter)
 
     # ----------------------------------------------------------------------------- validation
 
@@ -188,15 +191,14 @@ class RankingPipeline:
         return self.engine.internal_ids(ids)
 
 
-def _grade(previous_topk: bytes, new_items: list[str]) -> tuple[float, float] | None:
+def _grade(previous_answer: list[str] | None, new_items: list[str]) -> tuple[float, float] | None:
     """Hit and NDCG at 10 of the user's previous answer against the first item of the new events: the
     next item the user actually took, as in leave-one-out evaluation."""
-    if not previous_topk or not new_items:
+    if previous_answer is None or not new_items:
         return None
-    ranked = json.loads(previous_topk)
-    if new_items[0] not in ranked:
+    if new_items[0] not in previous_answer:
         return 0.0, 0.0
-    return 1.0, 1.0 / math.log2(ranked.index(new_items[0]) + 2)
+    return 1.0, 1.0 / math.log2(previous_answer.index(new_items[0]) + 2)
 
 
 def _ms(since: float) -> float:

@@ -1,5 +1,6 @@
 """Shared fixtures: a tiny untrained checkpoint, real Redis servers (the shared one behind a unique key
-prefix per test, or a private redis-server a test may stop), and an in-process client of the service."""
+prefix per test, or a private redis-server a test may stop), the state store on the shared one, and an
+in-process client of the service."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import pytest_asyncio
 import redis
 import torch
 from kvrec.models.checkpoint import save_checkpoint
@@ -72,6 +74,19 @@ def shared_redis(key_prefix) -> Iterator[redis.Redis]:
         pytest.skip(f"no Redis at {SHARED_REDIS_URL}")
     yield client
     client.close()
+
+
+@pytest_asyncio.fixture
+async def redis_store(shared_redis, key_prefix) -> AsyncIterator:
+    """The service's RedisStore on the shared Redis under this test's prefix (a log of 100 events at most,
+    states expire after 60 s, events never), to check what the service stored through the interface."""
+    from kvrec.server.settings import Settings
+    from kvrec.server.store import RedisStore
+
+    store = RedisStore.connect(Settings(redis_url=SHARED_REDIS_URL, key_prefix=key_prefix, max_log_events=100,
+                                        state_ttl_s=60, events_ttl_s=None))
+    yield store
+    await store.close()
 
 
 @pytest.fixture

@@ -7,8 +7,6 @@ import asyncio
 import random
 
 import pytest
-import redis.asyncio as aioredis
-from kvrec.server.store import UserStore, unpack_event
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.redis]
 
@@ -57,7 +55,7 @@ async def test_incremental_equals_one_request_equals_recompute(client_for, make_
 
 
 @pytest.mark.parametrize("policy", ["full", "int8", "h2o:budget=8,recent=4", "kivi:bits=2"])
-async def test_concurrent_requests_lose_no_event(client_for, shared_redis, key_prefix, policy):
+async def test_concurrent_requests_lose_no_event(client_for, redis_store, policy):
     n = 60
     async with client_for(policy=policy, compute_concurrency=4) as client:
         await client.put("/users/u/history", json={"events": history(5)})
@@ -71,42 +69,24 @@ async def test_concurrent_requests_lose_no_event(client_for, shared_redis, key_p
         assert final.json()["state"]["events_seen"] == 5 + n
         assert final.json()["state"]["source"] == "hit"
         served = scores(await client.post("/recommend", json=rank_all("u", [])))
-    log = [unpack_event(e)[0] for e in shared_redis.lrange(f"{key_prefix}:{{u}}:events", 0, -1)]
-    assert sorted(log[5:]) == sorted(f"c{i}" for i in range(n))  # every event exactly once
-    assert int(shared_redis.hget(f"{key_prefix}:{{u}}:meta", "n")) == 5 + n
-    assert int(shared_redis.hget(f"{key_prefix}:{{u}}:state", "seq")) == 5 + n
+    snapshot = await redis_store.load("u", with_state=True, whole_log=True)
+    assert sorted(e.item_id for e in snapshot.events[5:]) == sorted(f"c{i}" for i in range(n))  # each once
+    assert snapshot.events_total == 5 + n
+    assert snapshot.state_seq == 5 + n
     if policy == "full":  # the stored state is "the log's events, in the log's order"
         async with client_for(policy="recompute") as client:
             recomputed = scores(await client.post("/recommend", json=rank_all("u", [])))
         assert served == pytest.approx(recomputed, abs=1e-5)
 
 
-async def test_compare_and_set_never_goes_backwards(shared_redis, key_prefix):
-    client = aioredis.Redis.from_url("redis://127.0.0.1:6379/0")
-    store = UserStore(client, key_prefix, max_log_events=100, state_ttl_s=60, events_ttl_s=None)
-    appended = await store.append("u", [("1", 1, 0), ("2", 2, 0), ("3", 3, 0)])
-    assert appended.events_total == 3 and appended.epoch
-    assert await store.store("u", appended.epoch, 2, b"two", b"") == 1
-    assert await store.store("u", appended.epoch, 1, b"one", b"") == 0  # older: refused
-    assert await store.store("u", appended.epoch, 2, b"two again", b"") == 0  # not newer: refused
-    assert await store.store("u", appended.epoch, 4, b"four", b"") == -1  # more events than logged
-    assert await store.store("u", "another-epoch", 3, b"three", b"") == -1  # a replaced user
-    loaded = await store.load("u", want_state=True, want_all=False)
-    assert (loaded.state_seq, loaded.blob, loaded.entries_from) == (2, b"two", 2)
-    assert [unpack_event(e) for e in loaded.entries] == [("3", 3, 0)]
-    assert 0 < shared_redis.ttl(store.keys("u")[2]) <= 60
-    assert shared_redis.ttl(store.keys("u")[0]) == -1  # events do not expire unless configured to
-    assert await store.delete("u") == 3
-    await client.aclose()
-
-
-async def test_trimmed_log_keeps_absolute_positions(client_for, shared_redis, key_prefix):
+async def test_trimmed_log_keeps_absolute_positions(client_for, redis_store, shared_redis):
     events = history(12)
     async with client_for(policy="full", max_log_events=5) as client:
         r = await client.post("/recommend", json=rank_all("u", events[:8]))
         assert r.json()["state"]["events_seen"] == 8
-        assert shared_redis.llen(f"{key_prefix}:{{u}}:events") == 5
-        shared_redis.delete(f"{key_prefix}:{{u}}:state")  # the cache is lost: rebuilt from the 5 kept
+        snapshot = await redis_store.load("u", with_state=False, whole_log=True)
+        assert (snapshot.log_start, len(snapshot.events)) == (3, 5)
+        shared_redis.delete(redis_store.keys("u")[2])  # the cache is lost: rebuilt from the 5 kept
         r = await client.post("/recommend", json=rank_all("u", events[8:]))
         assert r.json()["state"] == {**r.json()["state"], "events_seen": 12, "tokens_kept": 2 * 5,
                                      "source": "miss"}
