@@ -33,6 +33,7 @@ def train_model(dataset: str, out: Path, max_minutes: float) -> Path:
 
 
 def run_demo(out: Path, *, duration_s: float = 20.0, train_minutes: float = 2.5) -> list[dict]:
+    from kvrec.loadtest.options import ReplayOptions
     from kvrec.loadtest.sweep import SweepConfig, run_sweep
 
     started = time.time()
@@ -42,7 +43,7 @@ def run_demo(out: Path, *, duration_s: float = 20.0, train_minutes: float = 2.5)
         print(f"using the model already at {model} (delete it to train again)")
     else:
         train_model(DATASET, model, train_minutes)
-    rows = run_sweep(SweepConfig(model=model, dataset=DATASET, policies=POLICIES, out=out, users=4,
-                                 spawn_rate=4, duration_s=duration_s, replay_users=100))
+    rows = run_sweep(SweepConfig(model=model, policies=POLICIES, out=out, users=4, spawn_rate=4,
+                                 duration_s=duration_s, replay=ReplayOptions(dataset=DATASET, replay_users=100)))
     print(f"\ndemo done in {(time.time() - started) / 60:.1f} min: {out / 'report.md'}, plots in {out}")
     return rows

@@ -1,107 +1,74 @@
-"""The replay's options: registered on Locust's own command line, read back as one typed object.
+"""The replay's options, defined once: `ReplayOptions` is the table from which both the Locust user's
+flags and `kvrec sweep`'s flags are made, and the typed object both read back.
 
-They go through Locust's parser (`events.init_command_line_parser`) rather than environment variables
-of our own, so `locust --help` lists them, the web UI shows them in its start form, and a master hands
-them to its workers with every spawn message.
+The Locust flags go through Locust's parser (`events.init_command_line_parser`) rather than environment
+variables of our own, so the web UI shows them in its start form and a master hands them to its workers
+with every spawn message. `kvrec sweep` registers the same fields (those marked `sweep`) on its own
+parser and hands them to each Locust run with `to_flags`, so a name, a default or a check cannot drift
+between the two.
 """
 
 from __future__ import annotations
 
-import argparse
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
 from kvrec.loadtest.streams import Pacing
+from kvrec.models.cli import at_least, fraction, non_negative_float, positive_int
 
 
-def _at_least(low: float, kind=int):
-    def parse(text: str):
-        value = kind(text)
-        if value < low:
-            raise argparse.ArgumentTypeError(f"must be at least {low}, got {text}")
-        return value
-    return parse
-
-
-def _fraction(text: str) -> float:
-    value = float(text)
-    if not 0.0 < value < 1.0:
-        raise argparse.ArgumentTypeError(f"must be strictly between 0 and 1, got {text}")
-    return value
-
-
-def add_arguments(parser) -> None:
-    """Register the replay options on Locust's parser (a configargparse parser)."""
-    g = parser.add_argument_group("kvrec replay", "replay real user streams against `kvrec serve`")
-    g.add_argument("--dataset", default="synth-long", help=(
-        "dataset to replay: a name under the datasets folder (ml-latest-small, lastfm, amazon-beauty), "
-        "a file or folder, or a synth spec (synth-long:users=100,mean_len=300); must be the one the "
-        "served model was trained on, since item ids are the dataset's own (default %(default)s)"))
-    g.add_argument("--prefix-fraction", type=_fraction, default=0.5, help=(
-        "share of each user's history loaded by the warm-up; the rest is replayed (default %(default)s)"))
-    g.add_argument("--max-users-replayed", type=_at_least(1), default=200, help=(
-        "replay at most this many dataset users (the first ones, in dataset order), across all workers "
-        "(default %(default)s)"))
-    g.add_argument("--events-per-request", type=_at_least(1), default=1, help=(
-        "events sent with each POST /recommend (default %(default)s)"))
-    g.add_argument("--candidates", choices=("catalogue", "sampled"), default="catalogue", help=(
-        "catalogue: top-k over the whole catalogue; sampled: rank the true next items plus --negatives "
-        "sampled items (default %(default)s)"))
-    g.add_argument("--negatives", type=_at_least(1), default=100, help=(
-        "sampled negatives per request with --candidates sampled (default %(default)s)"))
-    g.add_argument("--k", type=_at_least(10), default=10, help=(
-        "items asked for; at least 10, since hit@10 and ndcg@10 come from the answer (default %(default)s)"))
-    g.add_argument("--exclude-seen", choices=("auto", "yes", "no"), default="auto", help=(
-        "ask the service to leave out items the user has seen; auto: yes unless the dataset has repeat "
-        "consumption, where excluding would hide true next items (default %(default)s)"))
-    g.add_argument("--think-time", type=_at_least(0.0, float), default=0.0, help=(
-        "fixed pause in seconds between a user's requests, used when --time-scale is 0 "
-        "(default %(default)s)"))
-    g.add_argument("--time-scale", type=_at_least(0.0, float), default=0.0, help=(
-        "> 0: pause for the real gap between events divided by this factor, capped at --max-gap "
-        "(e.g. 86400 plays a day in a second) (default %(default)s)"))
-    g.add_argument("--max-gap", type=_at_least(0.0, float), default=5.0, help=(
-        "longest pause in seconds with --time-scale (default %(default)s)"))
-    g.add_argument("--records", default="", help=(
-        "write one JSON line per request to this file (distributed workers write PATH-stem.workerN.jsonl "
-        "beside it); empty: no records (default)"))
-    g.add_argument("--skip-warm-up", action="store_true", help=(
-        "do not load the prefixes before the test (`kvrec sweep` warms up itself, outside the timed "
-        "run); otherwise the master (or the single process) warms up in test_start and the run time "
-        "includes it"))
-    g.add_argument("--warm-up-concurrency", type=_at_least(1), default=2, help=(
-        "simultaneous warm-up requests (default %(default)s)"))
-    g.add_argument("--seed", type=int, default=0, help="seed of the negative sampling (default %(default)s)")
-    g.add_argument("--step-users", type=_at_least(1), default=2, help=(
-        "step-load shape (-f loadtest/stepload.py): users added per step (default %(default)s)"))
-    g.add_argument("--step-seconds", type=_at_least(1.0, float), default=30.0, help=(
-        "step-load shape: seconds per step (default %(default)s)"))
-    g.add_argument("--steps", type=_at_least(1), default=5, help=(
-        "step-load shape: number of steps; the test ends after the last (default %(default)s)"))
+def option(default, help: str, *, parse=None, choices=None, sweep: bool = True):
+    """A ReplayOptions field: its default, help text, argparse `type=` (`parse`, default the field's own
+    type) and `choices`; `sweep=False` keeps it off `kvrec sweep`, which sets it itself or has no use
+    for it."""
+    return field(default=default, metadata={"help": help, "parse": parse, "choices": choices, "sweep": sweep})
 
 
 @dataclass(frozen=True)
 class ReplayOptions:
-    """The parsed options, typed. Values are cast again here because the web UI's start form hands
-    them over as strings."""
+    """The parsed options, typed. Values are cast again in `from_namespace` because the web UI's start
+    form hands them over as strings."""
 
-    dataset: str = "synth-long"
-    prefix_fraction: float = 0.5
-    max_users_replayed: int = 200
-    events_per_request: int = 1
-    candidates: str = "catalogue"
-    negatives: int = 100
-    k: int = 10
-    exclude_seen: str = "auto"
-    think_time: float = 0.0
-    time_scale: float = 0.0
-    max_gap: float = 5.0
-    records: str = ""
-    skip_warm_up: bool = False
-    warm_up_concurrency: int = 2
-    seed: int = 0
-    step_users: int = 2
-    step_seconds: float = 30.0
-    steps: int = 5
+    dataset: str = option("synth-long", (
+        "dataset to replay: a name under the datasets folder (ml-latest-small, lastfm, amazon-beauty), "
+        "a file or folder, or a synth spec (synth-long:users=100,mean_len=300); must be the one the "
+        "served model was trained on, since item ids are the dataset's own"))
+    prefix_fraction: float = option(0.5, (
+        "share of each user's history loaded by the warm-up, 0..1; the rest is replayed"), parse=fraction)
+    replay_users: int = option(200, (
+        "replay at most this many dataset users (the first ones, in dataset order), across all workers"),
+        parse=positive_int)
+    events_per_request: int = option(1, "events sent with each POST /recommend", parse=positive_int)
+    candidates: str = option("catalogue", (
+        "catalogue: top-k over the whole catalogue; sampled: rank the true next items plus --negatives "
+        "sampled items"), choices=("catalogue", "sampled"))
+    negatives: int = option(100, "sampled negatives per request with --candidates sampled", parse=positive_int)
+    k: int = option(10, "items asked for; at least 10, since hit@10 and ndcg@10 come from the answer",
+                    parse=at_least(10))
+    exclude_seen: str = option("auto", (
+        "ask the service to leave out items the user has seen; auto: yes unless the dataset has repeat "
+        "consumption, where excluding would hide true next items"), choices=("auto", "yes", "no"))
+    think_time: float = option(0.0, (
+        "fixed pause in seconds between a user's requests, used when --time-scale is 0"),
+        parse=non_negative_float)
+    time_scale: float = option(0.0, (
+        "> 0: pause for the real gap between events divided by this factor, capped at --max-gap "
+        "(e.g. 86400 plays a day in a second)"), parse=non_negative_float)
+    max_gap: float = option(5.0, "longest pause in seconds with --time-scale", parse=non_negative_float)
+    warm_up_concurrency: int = option(2, "simultaneous warm-up requests", parse=positive_int)
+    seed: int = option(0, "seed of the negative sampling")
+    records: str = option("", (
+        "write one JSON line per request to this file (distributed workers write PATH-stem.workerN.jsonl "
+        "beside it); empty: no records"), sweep=False)
+    skip_warm_up: bool = option(False, (
+        "do not load the prefixes before the test (`kvrec sweep` warms up itself, outside the timed "
+        "run); otherwise the master (or the single process) warms up in test_start and the run time "
+        "includes it"), sweep=False)
+    step_users: int = option(2, "step-load shape (-f loadtest/stepload.py): users added per step",
+                             parse=positive_int, sweep=False)
+    step_seconds: float = option(30.0, "step-load shape: seconds per step", parse=at_least(1.0, float),
+                                 sweep=False)
+    steps: int = option(5, "step-load shape: number of steps; the test ends after the last",
+                        parse=positive_int, sweep=False)
 
     @classmethod
     def from_namespace(cls, ns) -> ReplayOptions:
@@ -125,3 +92,40 @@ class ReplayOptions:
 
     def exclude_seen_for(self, repeats: bool) -> bool:
         return {"yes": True, "no": False}.get(self.exclude_seen, not repeats)
+
+
+def replay_fields(*, sweep: bool = False) -> list:
+    """The fields that become flags: all of them for Locust, those marked `sweep` for `kvrec sweep`."""
+    return [f for f in fields(ReplayOptions) if f.metadata["sweep"] or not sweep]
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def add_arguments(parser, *, sweep: bool = False, required: tuple[str, ...] = ()) -> None:
+    """Register the replay options on `parser`: Locust's (a configargparse parser) or, with `sweep`,
+    `kvrec sweep`'s. Fields named in `required` have no default there (the sweep's dataset must be the
+    model's, so it is asked for)."""
+    g = parser.add_argument_group("kvrec replay", "replay real user streams against `kvrec serve`")
+    for f in replay_fields(sweep=sweep):
+        meta = f.metadata
+        help_text = meta["help"] + ("" if f.name in required else " (default: %(default)s)")
+        if f.type == "bool":
+            g.add_argument(flag(f.name), action="store_true", help=help_text)
+            continue
+        g.add_argument(flag(f.name), type=meta["parse"] or {"int": int, "float": float, "str": str}[f.type],
+                       choices=meta["choices"], help=help_text,
+                       **({"required": True} if f.name in required else {"default": f.default}))
+
+
+def to_flags(opts: ReplayOptions, *, sweep: bool = True) -> list[str]:
+    """The command-line flags that make Locust parse back `opts` (the sweep's fields by default)."""
+    out: list[str] = []
+    for f in replay_fields(sweep=sweep):
+        value = getattr(opts, f.name)
+        if f.type == "bool":
+            out += [flag(f.name)] if value else []
+        else:
+            out += [flag(f.name), str(value)]
+    return out

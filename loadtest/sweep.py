@@ -27,9 +27,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from kvrec.loadtest import report
+from kvrec.loadtest.options import ReplayOptions, to_flags
 from kvrec.loadtest.records import read_records
 from kvrec.loadtest.streams import ReplaySource, load_source
 from kvrec.loadtest.warmup import warm_up
+from kvrec.models.cli import UsageError
 
 ROOT = Path(__file__).resolve().parents[1]
 LOCUSTFILE = Path(__file__).resolve().with_name("locustfile.py")
@@ -41,43 +43,20 @@ class SweepError(RuntimeError):
 
 @dataclass
 class SweepConfig:
+    """One sweep: what `kvrec sweep` parsed. `replay` is what every Locust run replays (the same
+    options the Locust user takes, see loadtest.options); the rest is the sweep's own."""
+
     model: Path
-    dataset: str
     policies: list[str]
     out: Path
+    replay: ReplayOptions = field(default_factory=ReplayOptions)
     users: int = 4  # concurrent Locust users
     spawn_rate: float = 4.0
     duration_s: float = 60.0
-    replay_users: int = 200  # dataset users warmed up and replayed
-    prefix_fraction: float = 0.5
-    events_per_request: int = 1
-    candidates: str = "catalogue"
-    negatives: int = 100
-    think_time: float = 0.0
-    seed: int = 0
     redis_url: str | None = None  # None: a private redis-server for the sweep
     server_workers: int = 1
-    warm_up_concurrency: int = 2
     ready_timeout_s: float = 120.0
     extra_locust_args: list[str] = field(default_factory=list)
-
-
-def parse_duration(text: str) -> float:
-    """`90`, `90s`, `2m`, `1h` -> seconds."""
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smh]?)\s*", text)
-    if not m:
-        raise ValueError(f"bad duration {text!r}; use e.g. 60s, 2m or 90")
-    return float(m[1]) * {"": 1, "s": 1, "m": 60, "h": 3600}[m[2]]
-
-
-def parse_policies(text: str) -> list[str]:
-    """`full;int8;kivi:bits=2` -> the specs, in order; `;` separates because specs use `,` and `+`."""
-    specs = [s.strip() for s in text.split(";") if s.strip()]
-    if not specs:
-        raise ValueError("no policies given; use e.g. --policies 'full;int8;recompute'")
-    if len(set(specs)) != len(specs):
-        raise ValueError(f"a policy is listed twice in {text!r}")
-    return specs
 
 
 def _slug(index: int, policy: str) -> str:
@@ -224,12 +203,7 @@ def locust_command(cfg: SweepConfig, host: str, records: Path) -> list[str]:
     return [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "--only-summary",
             "-u", str(cfg.users), "-r", str(cfg.spawn_rate), "-t", f"{cfg.duration_s:g}s",
             "--stop-timeout", "5", "--host", host, "--exit-code-on-error", "0",
-            "--dataset", cfg.dataset, "--prefix-fraction", str(cfg.prefix_fraction),
-            "--max-users-replayed", str(cfg.replay_users),
-            "--events-per-request", str(cfg.events_per_request),
-            "--candidates", cfg.candidates, "--negatives", str(cfg.negatives),
-            "--think-time", str(cfg.think_time), "--seed", str(cfg.seed),
-            "--records", str(records), "--skip-warm-up", *cfg.extra_locust_args]
+            *to_flags(cfg.replay), "--records", str(records), "--skip-warm-up", *cfg.extra_locust_args]
 
 
 def run_locust(cfg: SweepConfig, host: str, records: Path, log: Path) -> None:
@@ -291,18 +265,32 @@ def progress_line(i: int, n: int, policy: str, row: dict, warmup_s: float) -> st
             f"{f('bytes_per_user_mean', row['bytes_per_user_mean'])}/user")
 
 
+def check_inputs(cfg: SweepConfig, source: ReplaySource | None = None) -> ReplaySource:
+    """Everything the user can get wrong, checked before anything starts (no Redis, no server, no
+    output folder): the checkpoint loads, every policy spec parses for its model, the dataset loads and
+    shares items with the model. Raises the user-error types kvrec.cli prints as one line."""
+    from kvrec.compression.cli import check_policies
+    from kvrec.models.checkpoint import load_checkpoint
+
+    checkpoint = load_checkpoint(cfg.model)
+    check_policies(cfg.policies, checkpoint)
+    source = source or load_source(cfg.replay.dataset, prefix_fraction=cfg.replay.prefix_fraction,
+                                   max_users=cfg.replay.replay_users)
+    if set(source.catalogue).isdisjoint(checkpoint.item_ids):
+        raise UsageError(f"none of the items of {source.name} is in the catalogue of {cfg.model}; replay the "
+                         "dataset the model was trained on")
+    return source
+
+
 def run_sweep(cfg: SweepConfig, source: ReplaySource | None = None, echo=print) -> list[dict]:
-    """Run every policy and write the report into cfg.out; returns the summary rows.
+    """Check the inputs, run every policy and write the report into cfg.out; returns the summary rows.
 
     A policy whose server or load test fails is reported and skipped; the sweep goes on and raises
     SweepError at the end, after writing what it has.
     """
-    if not cfg.model.is_file():
-        raise SweepError(f"no model checkpoint at {cfg.model} (train one with `kvrec train`)")
+    source = check_inputs(cfg, source)
     cfg.out.mkdir(parents=True, exist_ok=True)
     started = time.time()
-    source = source or load_source(cfg.dataset, prefix_fraction=cfg.prefix_fraction,
-                                   max_users=cfg.replay_users)
     echo(f"sweep: {len(cfg.policies)} policies x {cfg.duration_s:g} s, {cfg.users} Locust users, "
          f"{len(source.streams)} users of {source.name} replayed -> {cfg.out}")
     run_id = time.strftime("%Y%m%d%H%M%S")
@@ -348,7 +336,7 @@ def run_sweep(cfg: SweepConfig, source: ReplaySource | None = None, echo=print) 
     (cfg.out / "run.json").write_text(json.dumps(run, indent=2) + "\n")
     details = [f"Dataset `{source.name}` ({len(source.streams)} users replayed), model `{cfg.model.name}`, "
                f"{cfg.users} Locust users for {cfg.duration_s:g} s per policy, "
-               f"{cfg.events_per_request} event(s) per request, {cfg.candidates} ranking; "
+               f"{cfg.replay.events_per_request} event(s) per request, {cfg.replay.candidates} ranking; "
                f"machine: {run['machine'].get('cpu')} x {os.cpu_count()}.",
                "Configuration, versions and per-policy logs: `run.json`, `policies/`."]
     report.write_report(cfg.out, rows, records, "kvrec policy sweep", details)
@@ -367,7 +355,7 @@ def _run_policy(cfg: SweepConfig, policy: str, source: ReplaySource, redis: Redi
     baseline = redis.used_memory()
     server = Server(cfg, policy, redis.url, prefix, pdir / "server.log")
     try:
-        warm = warm_up(server.url, source.streams, concurrency=cfg.warm_up_concurrency)
+        warm = warm_up(server.url, source.streams, concurrency=cfg.replay.warm_up_concurrency)
         run_locust(cfg, server.url, pdir / "records.jsonl", pdir / "locust.log")
         metrics = server.metrics()
         used = redis.used_memory() - baseline

@@ -136,6 +136,7 @@ def cmd_train(args) -> int:
     from kvrec.models.recommender import ModelConfig
     from kvrec.models.train import TrainConfig, train
 
+    device = default_device(args.device)  # checked before the data is loaded
     if args.threads:
         torch.set_num_threads(args.threads)
     dataset = load_dataset(args.dataset, min_len=args.min_len)
@@ -146,7 +147,7 @@ def cmd_train(args) -> int:
                             random_negatives=args.negatives, in_batch_negatives=args.negatives,
                             temperature=args.temperature, patience=args.patience, max_minutes=args.max_minutes,
                             pair_budget=args.pair_budget, seed=args.seed)
-    model, summary = train(dataset, model_cfg, train_cfg, device=default_device(args.device))
+    model, summary = train(dataset, model_cfg, train_cfg, device=device)
     summary["dataset"] = dataset.name
     ckpt = save_checkpoint(args.out, model.cpu(), dataset.item_ids, dataset.fingerprint(), summary)
     print(f"wrote {ckpt.path} (model {ckpt.fingerprint}): best valid NDCG@10 {summary['valid_ndcg@10']:.4f} "
@@ -161,12 +162,12 @@ def cmd_eval(args) -> int:
 
     ckpt = load_checkpoint(args.model, device=default_device(args.device))
     dataset = load_dataset(args.dataset, min_len=args.min_len)
-    if dataset.fingerprint() != ckpt.dataset_fingerprint:
-        print(f"warning: {args.model} was trained on another dataset (fingerprint {ckpt.dataset_fingerprint}, "
-              f"this one {dataset.fingerprint()})", file=sys.stderr)
     if dataset.item_ids != ckpt.item_ids:
         raise UsageError(f"the item ids of {dataset.name} differ from the model's; evaluate on the dataset "
                          f"{args.model} was trained on")
+    if dataset.fingerprint() != ckpt.dataset_fingerprint:
+        print(f"warning: {args.model} was trained on another dataset (fingerprint {ckpt.dataset_fingerprint}, "
+              f"this one {dataset.fingerprint()})", file=sys.stderr)
     split = leave_one_out(dataset)
     exclude = {"auto": None, "yes": True, "no": False}[args.exclude_seen]
     result = evaluate(ckpt.model, split.train, split.test, exclude_seen=exclude, history=args.history,

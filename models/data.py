@@ -199,10 +199,11 @@ def _resolve(source: str) -> tuple[Path, str]:
 
     The name is the folder's (`ml-latest-small`) when a folder is given, else the file's stem.
     """
-    tried = [Path(source), datasets_root() / source]
+    tried = list(dict.fromkeys([Path(source), datasets_root() / source]))  # one entry for an absolute path
     path = next((p for p in tried if p.exists()), None)
     if path is None:
-        raise DataError(f"dataset {source!r} not found; looked for: {', '.join(map(str, tried))}")
+        raise DataError(f"dataset {source!r} not found; looked for: {', '.join(map(str, tried))}; give a file, "
+                        "a folder, a name under the datasets folder or a synth spec (synth-long, synth-short)")
     if path.is_file():
         return path, path.stem
     for pattern in _DIR_CANDIDATES:

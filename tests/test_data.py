@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import argparse
-
 import pytest
 import torch
-from kvrec.models import data_cli
 from kvrec.models.data import (
     DataError,
     build_dataset,
@@ -18,6 +15,8 @@ from kvrec.models.data import (
     save_item_map,
     stream_split,
 )
+
+from kvrec.cli import main
 
 ML_HEADER = "userId,movieId,rating,timestamp\n"
 needs_shared = pytest.mark.skipif(not datasets_root().is_dir(), reason="shared datasets not present")
@@ -169,20 +168,12 @@ def test_stream_split_by_fraction_and_by_time():
         stream_split(ds, fraction=None)
 
 
-def parse(argv):
-    parser = argparse.ArgumentParser(prog="kvrec")
-    data_cli.register(parser.add_subparsers(dest="cmd", required=True))
-    return parser.parse_args(argv)
-
-
 def test_cli_synth_writes_loadable_csv_and_stats_prints_table(tmp_path, capsys):
-    args = parse(["data", "synth", "--out", str(tmp_path), "--users", "15", "--mean-len", "40"])
-    assert args.func(args) == 0
+    assert main(["data", "synth", "--out", str(tmp_path), "--users", "15", "--mean-len", "40"]) == 0
     assert (tmp_path / "events.csv").read_text().startswith("user_id,item_id,timestamp,action\n")
     assert '"users": 15' in (tmp_path / "synth.json").read_text()
-    args = parse(["data", "stats", str(tmp_path)])
-    assert args.func(args) == 0
+    assert main(["data", "stats", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "users        15" in out and "fingerprint" in out
-    args = parse(["data", "stats", str(tmp_path / "missing")])
-    assert args.func(args) == 1
+    assert main(["data", "stats", str(tmp_path / "missing")]) == 2
+    assert "not found" in capsys.readouterr().err

@@ -103,7 +103,7 @@ def locust(*args: str) -> subprocess.Popen:
 
 
 REPLAY = ["--dataset", DATASET, "--events-per-request", "2", "--think-time", "0.05",
-          "--max-users-replayed", "6"]
+          "--replay-users", "6"]
 
 
 def check_replay(stub: Stub, records: list[dict]) -> None:
