@@ -19,6 +19,7 @@ declares which states it applies to by the tensors it needs (`compression.base.P
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -185,6 +186,14 @@ class State:
     def tensor_bytes(self) -> int:
         """Bytes of the dense float tensors alone (token and fixed), as they are held in memory."""
         return sum(t.numel() * t.element_size() for part in self.layers for t in part.tensors().values())
+
+    def dense_bytes(self, events: int) -> int:
+        """fp32 bytes that a state of this layout holds after `events` events with nothing compressed:
+        every event a token of every token tensor, fixed tensors as they are. Compression ratios are
+        taken against it."""
+        per_event = sum(t.shape[0] * math.prod(t.shape[2:]) for part in self.layers for t in part.tokens.values())
+        fixed = sum(t.numel() for part in self.layers for t in part.fixed.values())
+        return 4 * (events * per_event + fixed)
 
     def select(self, layer: int, idx: Tensor) -> None:
         """Keep only tokens `idx` ([T'] int64, ascending) of `layer`, with their metadata and extras."""

@@ -187,3 +187,10 @@ async def test_served_end_to_end_on_redis(model, tmp_path, client_for):
     _, hidden, _ = model.extend(restored, events[12:])
     expected = model.topk(hidden[None], 5)[1][0].tolist()
     assert [int(i["item_id"]) for i in r2.json()["items"]] == expected
+
+
+def test_dense_bytes_grow_per_event_for_tokens_and_not_for_a_fixed_state(model):
+    kv = registry.build_model(ModelConfig(num_items=ITEMS)).empty_state()  # the design card's 2 x 2 x (32 + 32)
+    assert kv.dense_bytes(2000) == 2000 * 1024
+    fixed = model.empty_state()  # 2 layers x 2 heads x (8 x 8 + 8) fp32
+    assert fixed.dense_bytes(10) == fixed.dense_bytes(10_000) == 2 * 2 * (8 * 8 + 8) * 4
