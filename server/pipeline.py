@@ -116,7 +116,9 @@ class RankingPipeline:
                                          whole_log=work.exclude_seen or not keeps_state)
         timing["load"] = _ms(clock)
         computed = await self._compute(work, snapshot)
-        if computed is None:  # the stored state did not restore: the engine rebuilds it from the whole log
+        if computed is None:
+            # The stored state did not restore and the events it covered were not loaded: load the whole
+            # log, with the state as it is now (another request may have stored a good one), and decide again.
             clock = time.perf_counter()
             snapshot = await self.store.load(user_id, with_state=True, whole_log=True)
             timing["load"] += _ms(clock)
