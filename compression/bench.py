@@ -20,7 +20,7 @@ import torch
 from kvrec.compression.base import PolicyContext
 from kvrec.compression.spec import parse_policy
 from kvrec.compression.step import ServingStep
-from kvrec.models.metrics import rank_of_targets
+from kvrec.models.metrics import percentile, rank_of_targets
 from kvrec.models.state import Events
 from torch import Tensor
 
@@ -138,8 +138,8 @@ def summarize(spec: str, tally: Tally, full_bytes: float | None, users: int) -> 
         "top10_overlap": float(np.mean(tally.overlap)) if tally.overlap else 1.0,
         "score_mae": float(np.mean(tally.score_err)) if tally.score_err else 0.0,
         "bytes_per_user_mean": float(b.mean()) if stored else 0.0,
-        "bytes_per_user_p50": float(np.percentile(b, 50)) if stored else 0.0,
-        "bytes_per_user_p99": float(np.percentile(b, 99)) if stored else 0.0,
+        "bytes_per_user_p50": percentile(b, 50) if stored else 0.0,
+        "bytes_per_user_p99": percentile(b, 99) if stored else 0.0,
         "bytes_per_user_max": float(b.max()) if stored else 0.0,
         "compression_ratio": (full_bytes / b.mean()) if stored and full_bytes else None,
         "macs_per_request": float(np.mean(tally.macs)) if tally.macs else 0.0,

@@ -94,12 +94,15 @@ def convert(policy: str, key: str, value: str, hint: object) -> object:
 
 
 def describe_params(cls: type[Policy]) -> str:
+    """Each parameter with its type and the value a bare spec gets (after the policy's own defaulting:
+    a bare `h2o` keeps 256 tokens although its `budget` field starts as None)."""
     hints = typing.get_type_hints(cls)
+    bare = cls()
     out = []
     for f in dataclasses.fields(cls):
         if f.init:
             types = [t for t in typing.get_args(hints[f.name]) if t is not type(None)] or [hints[f.name]]
-            out.append(f"{f.name} ({types[0].__name__}, default {f.default})")
+            out.append(f"{f.name} ({types[0].__name__}, default {getattr(bare, f.name)})")
     return ", ".join(out)
 
 

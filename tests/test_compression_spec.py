@@ -55,3 +55,9 @@ def test_bad_specs_say_what_is_valid(spec, needle):
         parse_policy(spec)
     assert needle in str(info.value)
     assert isinstance(info.value, ValueError)
+
+
+def test_a_bad_parameter_lists_the_defaults_a_bare_spec_gets():
+    with pytest.raises(PolicyError) as info:
+        parse_policy("h2o:buget=10")
+    assert "budget (int, default 256)" in str(info.value) and "recent (int, default 64)" in str(info.value)
