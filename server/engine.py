@@ -56,8 +56,9 @@ class Engine:
         self.item_ids = checkpoint.item_ids
         self.index = checkpoint.item_index()
         self.oov = self.model.cfg.num_items
-        cfg = self.model.cfg
-        self.raw_bytes_per_event = cfg.layers * cfg.heads * (cfg.d_k + cfg.d_v) * 4  # full fp32 K/V
+        self._layout = self.model.empty_state()  # what this model's states hold, for `dense_bytes`
+        # the per-event figure that kvrec.server.bench_serve still reads; remove once it calls dense_bytes
+        self.raw_bytes_per_event = self.dense_bytes(1) - self.dense_bytes(0)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Engine:
@@ -74,6 +75,12 @@ class Engine:
     @property
     def keeps_state(self) -> bool:
         return self.policy.keeps_state
+
+    def dense_bytes(self, events: int, users: int = 1) -> int:
+        """fp32 bytes that `users` states of this model hold after `events` events in all, with nothing
+        compressed, whatever their kind: the reference that compression ratios are taken against. It is
+        affine in the events (a token per event, fixed tensors once per user), so a census sums in one call."""
+        return self._layout.dense_bytes(events) + (users - 1) * self._layout.dense_bytes(0)
 
     def internal_ids(self, item_ids: list[str]) -> Tensor:
         """External ids -> [n] internal ids, the out-of-vocabulary id for unknown ones."""

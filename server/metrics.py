@@ -80,7 +80,7 @@ class MetricsRecorder:
 
         census = list(data.census.values())
         total_bytes = sum(u.bytes for u in census)
-        raw_bytes = sum(u.events for u in census) * engine.raw_bytes_per_event
+        raw_bytes = engine.dense_bytes(sum(u.events for u in census), users=len(census))
         evaluated = c.get("accuracy_evaluated", 0)
         model = engine.checkpoint
         return {
