@@ -34,7 +34,6 @@ from kvrec.server.store import (
     RedisStore,
     StateStore,
     StoreUnavailable,
-    connect_redis,  # noqa: F401  (kvrec.server.bench_serve imports it from here)
 )
 
 log = logging.getLogger("kvrec.server")

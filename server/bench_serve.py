@@ -7,7 +7,8 @@ warms a few users to the history length with `PUT /users/{id}/history`'s code pa
 that each add one new event and ask for a top-10 over the whole catalogue, the steady state of a live
 service. The table shows the mean and the p99 (kvrec.models.metrics.percentile, as /metrics and the
 sweep report compute it), the speed-up over `recompute` at the same length, the codec's (decode +
-encode) share of service time, and the stored blob against the raw fp32 K/V of the whole history.
+encode) share of service time, and the stored blob against the raw fp32 state of the whole history
+(`State.dense_bytes`).
 """
 
 from __future__ import annotations
@@ -25,14 +26,13 @@ from kvrec.models.checkpoint import Checkpoint, load_checkpoint, model_fingerpri
 from kvrec.models.metrics import percentile
 from kvrec.models.recommender import ModelConfig
 from kvrec.models.registry import build_model
-from kvrec.server.app import connect_redis
 from kvrec.server.embedded_redis import EmbeddedRedis
 from kvrec.server.engine import Engine
 from kvrec.server.metrics import STAGES
 from kvrec.server.pipeline import RankingPipeline
 from kvrec.server.schemas import Event, RecommendRequest
 from kvrec.server.settings import Settings, resolve_redis_url
-from kvrec.server.store import UserStore
+from kvrec.server.store import RedisStore
 
 USERS_PER_CELL = 3
 UNTRAINED_ITEMS = 10_000
@@ -80,21 +80,17 @@ async def run(checkpoint: Checkpoint, lengths: list[int], policies: list[str], r
     prefix = f"kvrec-bench-{uuid.uuid4().hex[:8]}"
     settings = Settings(redis_url=redis_url, key_prefix=prefix, max_log_events=max(lengths) + requests + 10,
                         max_history_events=max(lengths), state_ttl_s=3600)
-    client = connect_redis(settings)
+    store = RedisStore.connect(settings)
     rows = []
     try:
         for length in lengths:
             for spec in policies:
                 engine = Engine(checkpoint, spec, settings.prefill_chunk)
-                store = UserStore(client, prefix, settings.max_log_events, settings.state_ttl_s, None)
                 pipeline = RankingPipeline(store, engine, settings)
                 rows.append(await time_cell(pipeline, length, requests, seconds))
                 print(f"  {length:>6} {engine.spec:<34} {rows[-1]['ms']['total']:9.2f} ms", file=sys.stderr)
     finally:
-        keys = [k async for k in client.scan_iter(match=f"{prefix}:*", count=1000)]
-        if keys:
-            await client.delete(*keys)
-        await client.aclose()
+        await store.close()
     for row in rows:
         base = next((r for r in rows if r["length"] == row["length"] and r["policy"] == "recompute"), None)
         row["speedup_vs_recompute"] = base["ms"]["total"] / row["ms"]["total"] if base else None
@@ -105,23 +101,26 @@ async def time_cell(pipeline: RankingPipeline, length: int, requests: int, secon
     rng = random.Random(length)
     items = pipeline.engine.item_ids
     users = [f"bench-{length}-{u}" for u in range(USERS_PER_CELL)]
-    for user in users:
-        history = [Event(item_id=rng.choice(items), ts=1_600_000_000 + 60 * t, action=rng.randrange(6))
-                   for t in range(length)]
-        await pipeline.put_history(user, history)
-
     timings: list[dict[str, float]] = []
     last = None
-    deadline = time.monotonic() + seconds
-    for i in range(requests + 1):  # the first request warms caches and is not counted
-        event = Event(item_id=rng.choice(items), ts=1_600_000_000 + 60 * (length + i), action=1)
-        last = await pipeline.recommend(RecommendRequest(user_id=users[i % len(users)], events=[event], k=10))
-        if i:
-            timings.append(last.timing_ms)
-        if i >= 3 and time.monotonic() > deadline:
-            break
+    try:
+        for user in users:
+            history = [Event(item_id=rng.choice(items), ts=1_600_000_000 + 60 * t, action=rng.randrange(6))
+                       for t in range(length)]
+            await pipeline.put_history(user, history)
+        deadline = time.monotonic() + seconds
+        for i in range(requests + 1):  # the first request warms caches and is not counted
+            event = Event(item_id=rng.choice(items), ts=1_600_000_000 + 60 * (length + i), action=1)
+            last = await pipeline.recommend(RecommendRequest(user_id=users[i % len(users)], events=[event], k=10))
+            if i:
+                timings.append(last.timing_ms)
+            if i >= 3 and time.monotonic() > deadline:
+                break
+    finally:  # the cell's users go, so that the benchmark leaves nothing in the Redis it was given
+        for user in users:
+            await pipeline.forget(user)
     ms = {stage: sum(t.get(stage, 0.0) for t in timings) / len(timings) for stage in (*STAGES, "total")}
-    raw = last.computed.events_seen * pipeline.engine.raw_bytes_per_event
+    raw = pipeline.engine.dense_bytes(last.computed.events_seen)
     return {
         "length": length, "policy": pipeline.engine.spec, "requests": len(timings), "ms": ms,
         "p99_ms": percentile([t["total"] for t in timings], 99),

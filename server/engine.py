@@ -58,7 +58,6 @@ class Engine:
         self.oov = self.model.cfg.num_items
         self._layout = self.model.empty_state()  # what this model's states hold, for `dense_bytes`
         # the per-event figure that kvrec.server.bench_serve still reads; remove once it calls dense_bytes
-        self.raw_bytes_per_event = self.dense_bytes(1) - self.dense_bytes(0)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Engine:

@@ -48,7 +48,7 @@ def register(sub, bench_sub) -> None:
         "serve", help="time the request pipeline per stage, per history length and policy",
         description="Times the serving pipeline in process against a real Redis (not over HTTP, so every "
                     "stage shows): per history length and policy, ms per stage, requests/s, the speed-up over "
-                    "`recompute`, the codec's share of service time, and blob bytes against raw fp32 K/V.")
+                    "`recompute`, the codec's share of service time, and blob bytes against the raw fp32 state.")
     b.add_argument("--model", default=None,
                    help="checkpoint (default: an untrained model of the default size, 10,000 items)")
     b.add_argument("--lengths", type=_lengths, default="250,1000,4000",

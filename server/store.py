@@ -366,7 +366,6 @@ class RedisStore(StateStore):
         await self.redis.aclose()
 
 
-UserStore = RedisStore  # the name kvrec.server.bench_serve still constructs; remove once it says RedisStore
 
 
 class RedisMetricsSink(MetricsSink):
