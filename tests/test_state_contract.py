@@ -16,7 +16,7 @@ from kvrec.compression.base import PolicyContext, PolicyError
 from kvrec.models import registry
 from kvrec.models.checkpoint import save_checkpoint
 from kvrec.models.recommender import Block, Extension, LayerStats, ModelConfig, SequentialRecommender, Window
-from kvrec.models.state import Events, LayerState
+from kvrec.models.state import Events, LayerState, State
 from torch import Tensor, nn
 
 KIND = "test-recurrent"
@@ -194,3 +194,14 @@ def test_dense_bytes_grow_per_event_for_tokens_and_not_for_a_fixed_state(model):
     assert kv.dense_bytes(2000) == 2000 * 1024
     fixed = model.empty_state()  # 2 layers x 2 heads x (8 x 8 + 8) fp32
     assert fixed.dense_bytes(10) == fixed.dense_bytes(10_000) == 2 * 2 * (8 * 8 + 8) * 4
+
+
+def test_a_kv_storage_refuses_a_state_with_more_than_keys_and_values():
+    """A K/V storage would silently drop any other tensor (e.g. a compressive memory's matrix)."""
+    kv = {"k": torch.zeros(2, 0, 8), "v": torch.zeros(2, 0, 8)}
+    hybrid = State("memory", [LayerState(dict(kv), fixed={"s": torch.zeros(2, 8, 8)})])
+    plain = State("kv", [LayerState(dict(kv))])
+    kivi = parse_policy("kivi").storage
+    assert kivi.applies_to(plain) is None
+    assert "also has s" in kivi.applies_to(hybrid)
+    assert parse_policy("int8").storage.applies_to(hybrid) is None
