@@ -39,6 +39,18 @@ class Checkpoint:
         return {item: i for i, item in enumerate(self.item_ids)}
 
 
+UNTRAINED_ITEMS = 10_000
+
+
+def untrained_checkpoint(kind: str = "hstu", ranking_head: bool = False) -> Checkpoint:
+    """A model of the default size with random weights, for benchmarks of cost (which does not depend
+    on training) when no checkpoint is given."""
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(kind=kind, num_items=UNTRAINED_ITEMS, dropout=0.0,
+                                    ranking_head=ranking_head)).eval()
+    return Checkpoint(model, [str(i) for i in range(UNTRAINED_ITEMS)], "untrained", model_fingerprint(model))
+
+
 class CheckpointError(ValueError):
     """A file that is not a readable kvrec checkpoint."""
 

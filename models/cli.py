@@ -48,6 +48,14 @@ def between(low: float, high: float):
     return parse
 
 
+def int_list(text: str) -> list[int]:
+    """`250,1000,4000` -> [250, 1000, 4000], each a positive integer (an argparse `type=`)."""
+    parts = [x for x in text.split(",") if x.strip()]
+    if not parts:
+        raise argparse.ArgumentTypeError("no numbers given; use e.g. 250,1000,4000")
+    return [positive_int(x.strip()) for x in parts]
+
+
 def fraction(text: str) -> float:
     """An argparse `type=` for a share strictly between 0 and 1 (a prefix fraction, a dropout)."""
     value = at_least(0.0, float)(text)
@@ -55,11 +63,19 @@ def fraction(text: str) -> float:
         raise argparse.ArgumentTypeError(f"must be strictly between 0 and 1, got {text}")
     return value
 
-TRAIN_HELP = """Train HSTU or SASRec on a dataset's leave-one-out split (sampled softmax, AdamW, early stopping
+# models.registry.MODELS' names, spelled out so that `kvrec --help` needs no torch (a test keeps them equal)
+MODEL_KINDS = ("hstu", "sasrec", "astro")
+
+TRAIN_HELP = """Train HSTU, SASRec or ASTRO on a dataset's leave-one-out split (sampled softmax, AdamW, early stopping
 on validation NDCG@10) and write one safetensors checkpoint holding weights, config, the item-id map and
-the dataset fingerprint. DATASET is a file or folder (MovieLens ratings.csv/.dat, `uid i1 i2 ...` lines,
-`uid iid` pairs, a CSV with user/item/time columns), a name under ../shared/datasets (ml-latest-small,
-lastfm, amazon-beauty), or a synthetic spec (synth-long, synth-short, synth-long:users=1000,mean_len=1000)."""
+the dataset fingerprint. `--task ranking` adds a target-aware ranking head trained jointly (candidates as
+target tokens at sampled cut points: listwise softmax over the true next item and sampled negatives, plus
+the engagement label where the data has one) and selects on validation ranking NDCG@10 among
+--eval-candidates sampled items. DATASET is a file or folder (MovieLens ratings.csv/.dat/u.data, Taobao
+UserBehavior, `uid i1 i2 ...` lines, `uid iid` pairs, a CSV/TSV whose header names user/item/time/rating/action
+columns; an ambiguous file is refused: say which with --format/--columns), a name under ../shared/datasets
+(ml-latest-small, lastfm, amazon-beauty, taobao-userbehavior-sample), or a synthetic spec (synth-long,
+synth-short, synth-long:users=1000,mean_len=1000)."""
 
 
 def register(sub) -> None:
@@ -67,10 +83,11 @@ def register(sub) -> None:
 
     data_cli.register(sub)
     p = sub.add_parser("train", help="train a model and write a checkpoint", description=TRAIN_HELP)
-    p.add_argument("--model", choices=["hstu", "sasrec"], default="hstu", help="backbone")
+    p.add_argument("--model", choices=MODEL_KINDS, default="hstu", help="backbone")
     p.add_argument("--dataset", required=True, help="path, dataset name or synth spec")
     p.add_argument("--out", required=True, help="checkpoint path (.ckpt, safetensors)")
     p.add_argument("--min-len", type=positive_int, default=3, help="drop users with fewer events")
+    data_cli.add_layout_arguments(p)
     p.add_argument("--max-len", type=positive_int, default=200, help="training window, in events")
     p.add_argument("--dim", type=positive_int, default=64, help="embedding width")
     p.add_argument("--layers", type=positive_int, default=2, help="attention blocks")
@@ -94,14 +111,34 @@ def register(sub) -> None:
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--threads", type=positive_int, default=None,
                    help="torch CPU threads (default: torch's choice; 1 is faster on a busy machine)")
+    g = p.add_argument_group("ranking task")
+    g.add_argument("--task", choices=["retrieval", "ranking"], default="retrieval",
+                   help="retrieval: next-item scoring of the catalogue; ranking: also a target-aware ranking head, "
+                   "trained jointly")
+    g.add_argument("--rank-cuts", type=positive_int, default=8, help="cut points per training window (ranking)")
+    g.add_argument("--rank-negatives", type=positive_int, default=15,
+                   help="sampled negatives beside the true item at each cut (ranking)")
+    g.add_argument("--rank-sampling", choices=["uniform", "popularity"], default="uniform",
+                   help="how the ranking negatives are drawn from the catalogue")
+    g.add_argument("--rank-weight", type=non_negative_float, default=1.0,
+                   help="weight of the listwise ranking loss beside the retrieval loss (weight 1)")
+    g.add_argument("--engage-weight", type=non_negative_float, default=1.0,
+                   help="weight of the engagement loss, where the data has engagement labels")
+    g.add_argument("--eval-candidates", type=at_least(2), default=100,
+                   help="sampled candidates (the true item included) per validation user (ranking)")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("eval-model", help="full-ranking HR/NDCG@10/50 on the leave-one-out test split",
+    p = sub.add_parser("eval-model", help="full-ranking HR/NDCG@10/50 on the leave-one-out test split, and "
+                       "ranking among sampled candidates",
                        description="Rank each user's true last item against the whole catalogue, given the "
-                       "history before it; the popularity baseline is reported beside the model.")
+                       "history before it; the popularity baseline is reported beside the model. Then rank it "
+                       "among --candidates sampled items by the ranking head (a model trained with --task "
+                       "ranking) and by retrieval on the same candidates, with the engagement head's AUC and "
+                       "GAUC where the data has engagement labels.")
     p.add_argument("--model", required=True, help="checkpoint from `kvrec train`")
     p.add_argument("--dataset", required=True, help="the dataset the model was trained on")
     p.add_argument("--min-len", type=positive_int, default=3, help="drop users with fewer events")
+    data_cli.add_layout_arguments(p)
     p.add_argument("--history", type=positive_int, default=None,
                    help="use only each user's last N events (default: the whole history)")
     p.add_argument("--compare-history", type=positive_int, default=None, metavar="N",
@@ -109,6 +146,13 @@ def register(sub) -> None:
                    "difference against --history, with its standard error (default: no comparison)")
     p.add_argument("--exclude-seen", choices=["auto", "yes", "no"], default="auto",
                    help="leave already-seen items out of the ranking; auto: only if no user repeats an item")
+    p.add_argument("--candidates", type=non_negative_int, default=100,
+                   help="also rank the true item among this many sampled candidates (itself included, negatives "
+                   "uniform over items not in the history) by the ranking head, when the model has one, and by "
+                   "retrieval; 0 skips it")
+    p.add_argument("--gauc-events", type=positive_int, default=20,
+                   help="engagement GAUC over each user's last N events, scored from their prefixes")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sampled candidates")
     p.add_argument("--json", default=None, help="also write the metrics to this JSON file (default: none)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.set_defaults(func=cmd_eval)
@@ -139,29 +183,57 @@ def cmd_train(args) -> int:
     device = default_device(args.device)  # checked before the data is loaded
     if args.threads:
         torch.set_num_threads(args.threads)
-    dataset = load_dataset(args.dataset, min_len=args.min_len)
+    dataset = load_dataset(args.dataset, min_len=args.min_len, format=args.format, columns=args.columns)
     print(f"dataset {dataset.name}: {dataset.stats()}", file=sys.stderr)
     model_cfg = ModelConfig(kind=args.model, dim=args.dim, layers=args.layers, heads=args.heads,
                             d_k=args.head_dim, d_v=args.head_dim, max_len=args.max_len, dropout=args.dropout)
     train_cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                             random_negatives=args.negatives, in_batch_negatives=args.negatives,
                             temperature=args.temperature, patience=args.patience, max_minutes=args.max_minutes,
-                            pair_budget=args.pair_budget, seed=args.seed)
+                            pair_budget=args.pair_budget, seed=args.seed, task=args.task, rank_cuts=args.rank_cuts,
+                            rank_negatives=args.rank_negatives, rank_sampling=args.rank_sampling,
+                            rank_weight=args.rank_weight, engage_weight=args.engage_weight,
+                            eval_candidates=args.eval_candidates)
+    if args.task == "ranking" and not dataset.engagement_actions:
+        print(f"{dataset.name} has no engagement label: the ranking head learns relevance only", file=sys.stderr)
     model, summary = train(dataset, model_cfg, train_cfg, device=device)
     summary["dataset"] = dataset.name
     ckpt = save_checkpoint(args.out, model.cpu(), dataset.item_ids, dataset.fingerprint(), summary)
-    print(f"wrote {ckpt.path} (model {ckpt.fingerprint}): best valid NDCG@10 {summary['valid_ndcg@10']:.4f} "
-          f"at epoch {summary['best_epoch']}, {summary['minutes']} min")
+    print(f"wrote {ckpt.path} (model {ckpt.fingerprint}, task {summary['task']}): best valid NDCG@10 "
+          f"{summary['valid_ndcg@10']:.4f} at epoch {summary['best_epoch']}, {summary['minutes']} min")
+    if "valid_ranking" in summary:
+        print(ranking_line("valid", summary["valid_ranking"]))
     return 0
+
+
+def _metric(value) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+def ranking_line(what: str, r: dict) -> str:
+    """One line of sampled-candidate ranking metrics (models.evaluate.evaluate_ranking's keys)."""
+    line = f"{what} among {r['candidates']} candidates:"
+    if "rank_ndcg@10" in r:
+        line += f" ranking head NDCG@10 {r['rank_ndcg@10']:.4f} HR@10 {r['rank_hr@10']:.4f};"
+    line += f" retrieval NDCG@10 {r['rank_retrieval_ndcg@10']:.4f} HR@10 {r['rank_retrieval_hr@10']:.4f}"
+    if "rank_minus_retrieval_ndcg@10" in r:
+        line += (f" (head - retrieval {r['rank_minus_retrieval_ndcg@10']:+.4f} ± "
+                 f"{r['rank_minus_retrieval_se']:.4f} paired s.e.)")
+    if "rank_popularity_ndcg@10" in r:
+        line += f"; popularity NDCG@10 {r['rank_popularity_ndcg@10']:.4f} HR@10 {r['rank_popularity_hr@10']:.4f}"
+    if "engage_auc" in r:
+        line += (f"; engagement AUC {_metric(r['engage_auc'])} (positive rate {r['engage_positive_rate']:.3f}), "
+                 f"GAUC {_metric(r.get('engage_gauc'))} over {r.get('engage_gauc_users', 0)} users")
+    return line
 
 
 def cmd_eval(args) -> int:
     from kvrec.models.checkpoint import load_checkpoint
     from kvrec.models.data import leave_one_out, load_dataset
-    from kvrec.models.evaluate import evaluate
+    from kvrec.models.evaluate import evaluate, evaluate_ranking, popularity_scores
 
     ckpt = load_checkpoint(args.model, device=default_device(args.device))
-    dataset = load_dataset(args.dataset, min_len=args.min_len)
+    dataset = load_dataset(args.dataset, min_len=args.min_len, format=args.format, columns=args.columns)
     if dataset.item_ids != ckpt.item_ids:
         raise UsageError(f"the item ids of {dataset.name} differ from the model's; evaluate on the dataset "
                          f"{args.model} was trained on")
@@ -172,7 +244,13 @@ def cmd_eval(args) -> int:
     exclude = {"auto": None, "yes": True, "no": False}[args.exclude_seen]
     result = evaluate(ckpt.model, split.train, split.test, exclude_seen=exclude, history=args.history,
                       compare_history=args.compare_history)
-    result.update(model=str(args.model), dataset=dataset.name)
+    engaged = dataset.engagement_actions or frozenset(ckpt.info.get("engagement_actions", ()))
+    if args.candidates:
+        result["ranking"] = evaluate_ranking(ckpt.model, dataset.seqs, split.test, candidates=args.candidates,
+                                             engaged=engaged, gauc_events=args.gauc_events, history=args.history,
+                                             seed=args.seed, popularity=popularity_scores(split.train,
+                                                                                          dataset.num_items))
+    result.update(model=str(args.model), dataset=dataset.name, task=ckpt.info.get("task", "retrieval"))
     print(f"{dataset.name}: {result['users']} users, seen items {'excluded' if result['exclude_seen'] else 'kept'}, "
           f"history {result['history']}")
     print(f"{'':12}{'HR@10':>8}{'NDCG@10':>9}{'HR@50':>8}{'NDCG@50':>9}")
@@ -186,6 +264,8 @@ def cmd_eval(args) -> int:
               f"{gap['ndcg@10_whole']:.4f} with history {result['history']}: {gap['difference']:+.4f} "
               f"± {gap['difference_se']:.4f} (paired standard error, {gap['users']} users), "
               f"{gap['relative']:+.1%}")
+    if "ranking" in result:
+        print(ranking_line("test", result["ranking"]))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)

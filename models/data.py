@@ -1,21 +1,33 @@
-"""Interaction datasets: loading every supported file format into one `Dataset`, and the splits.
+"""Interaction datasets: reading every supported file layout into one `Dataset`, and the splits.
 
-Every format ends in the same place, `build_dataset`, so ordering rules live in one spot: each user's
+Every layout ends in the same place, `build_dataset`, so ordering rules live in one spot: each user's
 events are sorted by time with ties kept in file order, users keep their order of first appearance, and
 items get contiguous internal ids in order of first appearance after that sort. The result is
 deterministic, so a model's item map and a dataset fingerprint are reproducible across runs.
 
-Formats (`fmt`, detected from the file when None):
-  movielens-csv  `ratings.csv`, header `userId,movieId,rating,timestamp` (ml-latest-small, ml-20m, ml-25m)
-  movielens-dat  `ratings.dat`, `UserID::MovieID::Rating::Timestamp`, no header (ml-1m, ml-10m)
-  lines          one user a line, `uid i1 i2 ...`, chronological, no time (LastFM.txt, Beauty.txt)
-  pairs          one event a line, `uid iid`, file order is time order
-  csv            any CSV with a header naming the user, item and optional time/action columns
-A `.txt` file is read as `pairs` when every line has two fields and some user id occurs on several lines.
+A file is read right or refused, never misread: a row of numbers means nothing by itself (MovieLens-100K's
+`user item rating timestamp` rows read as one-user-per-line lines give 943 users of 50,964 "items"), so
+the layout is recognised from the file's delimiter, header and column contents, and a file that fits
+none, or more than one, is refused with a message naming the candidates (`--format` or `--columns` then
+says which). Layouts (`LAYOUTS`, the names `format=` takes):
+  movielens-csv   MovieLens 20M/25M/latest `ratings.csv`: header `userId,movieId,rating,timestamp`
+  movielens-dat   MovieLens 1M/10M `ratings.dat`: `UserID::MovieID::Rating::Timestamp`, no header
+  movielens-100k  MovieLens 100K `u.data`: tab-separated `user item rating timestamp`, no header
+  taobao          Taobao UserBehavior: `user_id,item_id,category_id,behavior,timestamp`, no header
+  lines           one user a line, `uid i1 i2 ...`, chronological, no time (LastFM.txt, Beauty.txt)
+  pairs           one event a line, `uid iid`, file order is time order
+  csv             a CSV/TSV whose header names the columns (`COLUMN_NAMES`, any case)
+and `columns=` describes any other table (see `load_dataset`).
 
-MovieLens ratings (0.5..5) become actions round(2 * rating) in 1..10; 0 means "no action".
-The MovieLens readers use numpy's C parser (about 1 s per million rows), which keeps ml-25m feasible;
-when it rejects a file, a slow line-by-line pass finds the offending line for the error message.
+Actions are small ints, 0 meaning "no action". MovieLens ratings (0.5..5 stars) become round(2 * rating)
+in 1..10; Taobao behaviours become `BEHAVIORS` (pv 1, cart 2, fav 3, buy 4); an `action` column of
+integers is taken as it is. `Dataset.engagement_actions` says which action ids count as engagement, the
+positive label of a ranking head: rating >= 4 (`RATING_ENGAGEMENT`), a cart, favourite or buy
+(`BEHAVIOR_ENGAGEMENT`), or none known for raw action ids.
+
+Tables are parsed by numpy's C parser (about 1 s per million rows, integer ids parsed as numbers), which
+keeps ml-25m feasible; ids that are not integers are read as strings, and when a file is rejected, a
+slow line-by-line pass finds the offending line for the error message.
 """
 
 from __future__ import annotations
@@ -26,20 +38,80 @@ import io
 import json
 import os
 import re
-from dataclasses import dataclass
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 from kvrec.models.state import Events
 
-FORMATS = ("movielens-csv", "movielens-dat", "lines", "pairs", "csv")
-_DIR_CANDIDATES = ("ratings.csv", "ratings.dat", "events.csv", "*.txt")
-_NON_SPACE = re.compile(r"\S")
+BEHAVIORS = {"pv": 1, "cart": 2, "fav": 3, "buy": 4}  # Taobao UserBehavior's behaviour -> action id
+BEHAVIOR_ENGAGEMENT = frozenset({2, 3, 4})  # a cart, favourite or purchase among page views
+RATING_ENGAGEMENT = frozenset(range(8, 11))  # round(2 * rating) for ratings of 4 stars or more
+MAX_ACTION = 65535  # the service's largest action id
+
+ROLES = ("user", "item", "time", "rating", "action")
+# Header names recognised in any case, by role. "-" in a list of roles marks an ignored column.
+COLUMN_NAMES = {
+    "user": ("user", "userid", "user_id", "uid"),
+    "item": ("item", "itemid", "movieid", "item_id", "movie_id", "iid"),
+    "time": ("timestamp", "ts", "time"),
+    "rating": ("rating",),
+    "action": ("action", "behavior", "behaviour"),
+}
+_ROLE_OF = {name: role for role, names in COLUMN_NAMES.items() for name in names}
+_DIR_CANDIDATES = ("ratings.csv", "ratings.dat", "u.data", "events.csv", "*.txt", "*.csv")
+_INT = re.compile(r"[+-]?\d+")
+_HEAD_LINES = 1000  # lines read to recognise a layout
 
 
 class DataError(ValueError):
-    """Unreadable, malformed or empty input; the message names the file (and line, where there is one)."""
+    """Unreadable, malformed, ambiguous or empty input; the message names the file (and line, where there is one)."""
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How a file's lines become events: the delimiter, the header line, and each column's role.
+
+    delimiter: ",", "\\t", "::" or " " (any whitespace); None in `LAYOUTS` where the file decides.
+    header_line: the 1-based line of the header (0: none), the lines up to it are skipped.
+    roles: one a column (`ROLES` or "-" for an ignored one); empty for `lines`, whose rows vary.
+    """
+
+    name: str
+    what: str
+    delimiter: str | None = None
+    header_line: int = 0
+    roles: tuple[str, ...] = ()
+
+    def __str__(self) -> str:
+        read = f"; columns {', '.join(self.roles)}" if self.roles else ""
+        return f"{self.name} ({self.what}{read})"
+
+
+_ML_ROLES = ("user", "item", "rating", "time")
+LAYOUTS = {
+    layout.name: layout
+    for layout in (
+        Layout("movielens-csv", "MovieLens 20M/25M/latest ratings.csv, with a header", ",", 1, _ML_ROLES),
+        Layout("movielens-dat", "MovieLens 1M/10M ratings.dat, ::-separated, no header", "::", 0, _ML_ROLES),
+        Layout("movielens-100k", "MovieLens 100K u.data, tab-separated, no header", "\t", 0, _ML_ROLES),
+        Layout("taobao", "Taobao UserBehavior, comma-separated, no header", ",", 0,
+               ("user", "item", "-", "action", "time")),
+        Layout("lines", "one user a line: uid i1 i2 ..., chronological, no time", " "),
+        Layout("pairs", "one event a line: user item, file order is time order", None, 0, ("user", "item")),
+        Layout("csv", "a table whose header names its columns", None, 1),
+    )
+}
+# Detection reads a headerless table as one of these when every column's contents fit (see `_kind`).
+_SIGNATURES = {
+    "movielens-dat": ("int", "int", "num", "int"),
+    "movielens-100k": ("int", "int", "num", "int"),
+    "taobao": ("int", "int", "int", "behavior", "int"),
+}
+_DELIMITER_NAMES = {",": "comma", "\t": "tab", "::": "::", " ": "whitespace"}
 
 
 @dataclass
@@ -52,6 +124,9 @@ class Dataset:
     seqs: list[Events]
     has_time: bool  # False: ts is the event index within the user
     has_action: bool
+    layout: Layout | None = None  # how the file was read, for `kvrec data stats`; None when built in code
+    # The action ids that count as engagement (a ranking head's positive label); empty: none known.
+    engagement_actions: frozenset[int] = field(default_factory=frozenset)
 
     @property
     def num_items(self) -> int:
@@ -97,6 +172,8 @@ def build_dataset(
     *,
     min_len: int = 1,
     source: str = "input",
+    layout: Layout | None = None,
+    engagement_actions: frozenset[int] = frozenset(),
 ) -> Dataset:
     """Group per-row arrays ([n] each, file order) into a `Dataset`; the one place ids are assigned.
 
@@ -141,7 +218,8 @@ def build_dataset(
     ]
     user_ids = [str(x) for x in u_uniq[np.argsort(u_first)]]
     has_action = actions is not None and bool(np.any(actions))
-    return Dataset(name, user_ids, item_ids, seqs, has_time=ts is not None, has_action=has_action)
+    return Dataset(name, user_ids, item_ids, seqs, has_time=ts is not None, has_action=has_action, layout=layout,
+                   engagement_actions=engagement_actions)
 
 
 def _rank_by_first(first: np.ndarray) -> np.ndarray:
@@ -153,6 +231,8 @@ def _rank_by_first(first: np.ndarray) -> np.ndarray:
 
 # ---------------------------------------------------------------------------------------------- loading
 
+SYNTH = Layout("synth", "generated in memory by models.synth")
+
 
 def datasets_root() -> Path:
     """Folder of the named datasets: `$KVREC_DATASETS`, else `../shared/datasets` beside the project."""
@@ -163,35 +243,36 @@ def datasets_root() -> Path:
 def load_dataset(
     source: str | os.PathLike,
     *,
-    fmt: str | None = None,
+    format: str | None = None,
+    columns: str | Mapping[str, str] | None = None,
     min_len: int = 1,
-    user_col: str = "user_id",
-    item_col: str = "item_id",
-    time_col: str = "timestamp",
-    action_col: str = "action",
 ) -> Dataset:
     """Load a file, a folder holding one, a dataset name under `datasets_root()`, or a synth spec.
 
-    Synth specs (`synth-long`, `synth-short:users=100,mean_len=50`) are generated in memory. The column
-    names only apply to the generic `csv` format.
+    format: a `LAYOUTS` name; None recognises the layout from the file and refuses a file it cannot
+    tell. columns: the file's columns instead, either in order ("user,item,-,rating,time": a role of
+    `ROLES`, a `COLUMN_NAMES` name, or "-" for a column to ignore; a header naming known columns is
+    skipped), or as role=name pairs naming a header's columns ("user=visitor,item=product" or a
+    {role: name} mapping; the header's other known names are read as usual). Synth specs (`synth-long`,
+    `synth-short:users=100,mean_len=50`) are generated in memory and take neither.
     """
     text = str(source)
     if text.startswith("synth") and not Path(text).exists():
+        if format or columns:
+            raise DataError(f"{text} is generated, not read from a file: it takes no format or columns")
         from kvrec.models import synth
 
-        return synth.from_spec(text)
+        return replace(synth.from_spec(text), layout=SYNTH)
     path, name = _resolve(text)
-    fmt = fmt or _detect(path)
-    if fmt in ("movielens-csv", "movielens-dat"):
-        users, items, ts, actions = _read_movielens(path, dat=fmt == "movielens-dat")
-    elif fmt in ("lines", "pairs"):
-        users, items = _read_tokens(path, pairs=fmt == "pairs")
+    layout = _layout(path, format, columns)
+    if layout.name == "lines":
+        users, items = _read_lines(path, layout.header_line)
         ts = actions = None
-    elif fmt == "csv":
-        users, items, ts, actions = _read_csv(path, user_col, item_col, time_col, action_col)
+        engagement = frozenset()
     else:
-        raise ValueError(f"unknown format {fmt!r}; known: {', '.join(FORMATS)}")
-    return build_dataset(name, users, items, ts, actions, min_len=min_len, source=str(path))
+        users, items, ts, actions, engagement = _read_table(path, layout)
+    return build_dataset(name, users, items, ts, actions, min_len=min_len, source=str(path), layout=layout,
+                         engagement_actions=engagement)
 
 
 def _resolve(source: str) -> tuple[Path, str]:
@@ -215,123 +296,336 @@ def _resolve(source: str) -> tuple[Path, str]:
     raise DataError(f"{path}: no data file inside; looked for {', '.join(_DIR_CANDIDATES)}")
 
 
-def _detect(path: Path) -> str:
-    """Format from the file name and, for CSV and text files, the first lines."""
-    if path.suffix == ".dat":
-        return "movielens-dat"
-    with open(path, encoding="utf-8", errors="replace") as f:
-        head = [line for line in (f.readline() for _ in range(1000)) if line.strip()]
+# ------------------------------------------------------------------------------------- recognising layouts
+
+
+def _layout(path: Path, format: str | None, columns: str | Mapping[str, str] | None) -> Layout:
+    """The layout that `format` or `columns` names, else the one the file's first lines fit."""
+    head = _head(path)
+    delimiter = _delimiter(head[0][1])
+    if columns is not None:
+        if format not in (None, "csv"):
+            raise DataError(f"give a format or columns, not both: columns {columns!r} describe {path.name} already")
+        return _from_columns(path, head, delimiter, columns)
+    if format is None:
+        return _detect(path, head, delimiter)
+    if format not in LAYOUTS:
+        raise DataError(f"unknown format {format!r}; known: {', '.join(LAYOUTS)}")
+    if format == "csv":
+        return _from_header(path, head, delimiter, required=True)
+    known = replace(LAYOUTS[format], delimiter=LAYOUTS[format].delimiter or delimiter)
+    header = _header_line(head, known.delimiter)
+    if known.header_line and not header:
+        raise DataError(f"{path.name} line {head[0][0]}: {format} has a header naming its columns, this line "
+                        f"names none ({head[0][1][:80]}) ({path})")
+    return replace(known, header_line=header)
+
+
+def _header_line(head: list[tuple[int, str]], delimiter: str) -> int:
+    """The first line's number when it names a known column (a header, whatever the layout), else 0."""
+    lineno, line = head[0]
+    return lineno if any(name.lower() in _ROLE_OF for name in _split(line, delimiter)) else 0
+
+
+def _head(path: Path) -> list[tuple[int, str]]:
+    """(line number, text) of the file's first non-blank lines, enough to recognise its layout."""
+    head = []
+    with open(path, encoding="utf-8-sig", errors="replace") as f:
+        for lineno, line in enumerate(f, start=1):
+            if line.strip():
+                head.append((lineno, line.rstrip("\r\n")))
+                if len(head) == _HEAD_LINES:
+                    break
     if not head:
-        raise DataError(f"{path} line 1: empty file, no events")
-    if path.suffix == ".csv":
-        cols = [c.strip() for c in head[0].split(",")]
-        return "movielens-csv" if cols[:2] == ["userId", "movieId"] else "csv"
-    fields = [line.split() for line in head]
-    uids = [f[0] for f in fields]
-    pairs = all(len(f) == 2 for f in fields) and len(set(uids)) < len(uids)
-    return "pairs" if pairs else "lines"
+        raise DataError(f"{path.name} line 1: empty file, no events ({path})")
+    return head
 
 
-def _read_movielens(path: Path, *, dat: bool) -> tuple[np.ndarray, ...]:
-    """[n] users, items, ts (int64) and actions = round(2 * rating), via numpy's C parser."""
-    raw = path.read_text(encoding="utf-8", errors="replace")
-    header = 0 if dat else 1
-    body = raw.find("\n") + 1 if header else 0
-    if not _NON_SPACE.search(raw, body):
-        where = "line 2: no events after the header" if header and body else "line 1: empty file, no events"
-        raise DataError(f"{path.name} {where} ({path})")
-    if dat:
-        raw = raw.replace("::", ",")
+def _delimiter(line: str) -> str:
+    return next((d for d in ("::", "\t", ",") if d in line), " ")
+
+
+def _split(line: str, delimiter: str) -> list[str]:
+    if delimiter == " ":
+        return line.split()
+    fields = next(csv.reader([line])) if delimiter == "," else line.split(delimiter)
+    return [f.strip() for f in fields]
+
+
+def _detect(path: Path, head: list[tuple[int, str]], delimiter: str) -> Layout:
+    """The one layout that the first lines fit: a known header, one user a line, or a known headerless
+    table (`_SIGNATURES`, pairs); a file that fits none or several is refused with its candidates."""
+    header = _from_header(path, head, delimiter, required=False)
+    if header is not None:
+        return header
+    rows = [_split(line, delimiter) for _, line in head]
+    sep = _DELIMITER_NAMES[delimiter]
+    widths = sorted({len(r) for r in rows})
+    if len(widths) > 1:
+        if delimiter in (" ", "\t") and widths[0] >= 2:
+            return LAYOUTS["lines"]
+        lineno, row = next((lineno, r) for (lineno, _), r in zip(head, rows, strict=True) if len(r) != len(rows[0]))
+        raise _refuse(path, f"{sep}-separated rows of {widths[0]} to {widths[-1]} fields (line {head[0][0]}: "
+                      f"{len(rows[0])}, line {lineno}: {len(row)})", [])
+    n = widths[0]
+    numeric = ("int", "num")
+    below = [_kind([r[k] for r in rows[1:]]) if len(rows) > 1 else "str" for k in range(n)]
+    if any(k in numeric and _kind([v]) not in numeric for k, v in zip(below, rows[0], strict=True)):
+        raise DataError(f"{path.name} line {head[0][0]}: looks like a header ({', '.join(rows[0])}) but names no "
+                        f"known column (known: {', '.join(_ROLE_OF)}); say which with --columns, e.g. "
+                        f"--columns user={rows[0][0]},item={rows[0][1 % n]} ({path})")
+    kinds = [_kind([r[k] for r in rows]) for k in range(n)]
+    for name, signature in _SIGNATURES.items():
+        if LAYOUTS[name].delimiter == delimiter and _fits(kinds, signature):
+            return LAYOUTS[name]
+    if n == 2 and len({r[0] for r in rows}) < len(rows):  # a user on several lines: one event a line
+        return replace(LAYOUTS["pairs"], delimiter=delimiter)
+    if n > 2 and delimiter in (" ", "\t") and all(k == "str" for k in kinds[2:]):
+        return LAYOUTS["lines"]  # equally long histories: a table's further columns would hold times or ratings
+    fitting: dict[tuple[str, ...], list[str]] = {}  # the known tables, by roles, that fit but for the delimiter
+    for name, signature in _SIGNATURES.items():
+        if _fits(kinds, signature):
+            fitting.setdefault(LAYOUTS[name].roles, []).append(name)
+    candidates = [f"{' or '.join(names)} with {sep} separators (--columns {','.join(roles)})"
+                  for roles, names in fitting.items()]
+    if n == 2:
+        candidates += ["pairs (user item) with one event per user", "lines (one user a line) with one item each"]
+    elif n > 2 and delimiter in (" ", "\t"):
+        candidates.append(f"lines (one user a line) with {n - 1} items each")
+    if n > 2 and not fitting:
+        roles = ["user", "item", "time", "rating"] + ["-"] * (n - 4)
+        candidates.append(f"one event a line in {n} columns such as {','.join(roles[:n])} (--columns)")
+    raise _refuse(path, f"{n} {sep}-separated column{'s' if n > 1 else ''} without a header", candidates)
+
+
+def _refuse(path: Path, what: str, candidates: list[str]) -> DataError:
+    could = f"; it could be {' or '.join(candidates)}" if candidates else ""
+    return DataError(f"{path.name}: cannot tell the layout of {what}{could}. Say which with --format "
+                     f"({', '.join(LAYOUTS)}) or --columns (the columns' roles in order, e.g. "
+                     f"user,item,rating,time) ({path})")
+
+
+def _kind(values: list[str]) -> str:
+    """What every value of a column is: "int", "num", "behavior" (a Taobao behaviour) or "str"."""
+    if all(_INT.fullmatch(v) for v in values):
+        return "int"
+    if all(_is_number(v) for v in values):
+        return "num"
+    if all(v.lower() in BEHAVIORS for v in values):
+        return "behavior"
+    return "str"
+
+
+def _fits(kinds: list[str], signature: tuple[str, ...]) -> bool:
+    return len(kinds) == len(signature) and all(
+        k == s or (s == "num" and k == "int") for k, s in zip(kinds, signature, strict=False)
+    )
+
+
+def _is_number(value: str) -> bool:
     try:
-        table = np.loadtxt(io.StringIO(raw), delimiter=",", skiprows=header, ndmin=2, dtype=np.float64)
+        float(value)
+    except ValueError:
+        return False
+    return True
+
+
+def _from_header(path: Path, head: list[tuple[int, str]], delimiter: str, *, required: bool) -> Layout | None:
+    """The layout that the first line names as a header of `COLUMN_NAMES`; None (or, when `required`, a
+    refusal) when it names no known column."""
+    lineno, line = head[0]
+    names = _split(line, delimiter)
+    roles = tuple(_ROLE_OF.get(n.lower(), "-") for n in names)
+    if set(roles) == {"-"}:
+        if not required:
+            return None
+        raise DataError(f"{path.name} line {lineno}: the header {','.join(names)} names no known column "
+                        f"(known: {', '.join(_ROLE_OF)}); say which with --columns user=NAME,item=NAME ({path})")
+    _check_roles(path, roles, names)
+    if delimiter == "," and [n.lower() for n in names] == ["userid", "movieid", "rating", "timestamp"]:
+        return replace(LAYOUTS["movielens-csv"], header_line=lineno)
+    return Layout("csv", f"{_DELIMITER_NAMES[delimiter]}-separated, header {','.join(names)}", delimiter, lineno,
+                  roles)
+
+
+def _from_columns(path: Path, head: list[tuple[int, str]], delimiter: str,
+                  columns: str | Mapping[str, str]) -> Layout:
+    """The layout that `columns` gives: roles in order, or role=name pairs for a header (see `load_dataset`)."""
+    sep = _DELIMITER_NAMES[delimiter]
+    if isinstance(columns, str) and "=" not in columns:
+        roles = tuple(_role(c) for c in columns.split(","))
+        _check_roles(path, roles)
+        header = _header_line(head, delimiter)
+        return Layout("columns", f"{sep}-separated, {'header' if header else 'no header'}", delimiter, header, roles)
+    if isinstance(columns, str):
+        pairs = [c.split("=", 1) for c in columns.split(",")]
+        if any(len(p) != 2 for p in pairs):
+            raise DataError(f"columns {columns!r}: give every column as role=name, or only roles in order")
+        columns = dict(pairs)
+    wanted = {name.strip().lower(): _role(role) for role, name in columns.items()}
+    lineno, line = head[0]
+    names = _split(line, delimiter)
+    missing = sorted(set(wanted) - {n.lower() for n in names})
+    if missing:
+        raise DataError(f"{path.name} line {lineno}: no column {', '.join(missing)} in header {','.join(names)} "
+                        f"({path})")
+    given = set(wanted.values())  # a role given by name is not also read off another known name
+    known = (_ROLE_OF.get(n.lower(), "-") for n in names)
+    roles = tuple(wanted.get(n.lower(), r if r not in given else "-") for n, r in zip(names, known, strict=True))
+    _check_roles(path, roles, names)
+    return Layout("csv", f"{sep}-separated, header {','.join(names)}", delimiter, lineno, roles)
+
+
+def _role(text: str) -> str:
+    """A column role from its name in `columns`: a role, a `COLUMN_NAMES` name, or "-"."""
+    key = text.strip().lower()
+    if key == "-" or key in ROLES:
+        return key
+    if key in _ROLE_OF:
+        return _ROLE_OF[key]
+    raise DataError(f"unknown column {text!r} in columns; use {', '.join(ROLES)}, a name such as "
+                    f"{', '.join(_ROLE_OF)}, or - for a column to ignore")
+
+
+def _check_roles(path: Path, roles: tuple[str, ...], names: list[str] | None = None) -> None:
+    count = {role: roles.count(role) for role in ROLES}
+    if count["user"] == count["item"] == 1 and count["time"] <= 1 and count["rating"] + count["action"] <= 1:
+        return
+    shown = ", ".join(roles if names is None else (f"{n}={r}" for n, r in zip(names, roles, strict=True)))
+    raise DataError(f"{path.name}: columns {shown}: need one user and one item column, at most one time column "
+                    f"and at most one rating or action column; say which with --columns ({path})")
+
+
+# ------------------------------------------------------------------------------------------ reading tables
+
+# The fast parse's column types: integer ids as numbers (strings on a retry when they are not); an action
+# as a short string, since it may be a behaviour name (a longer value is cut, so it cannot be mistaken
+# for a behaviour, and an action id cut to 8 digits is out of range).
+_FAST_DTYPE = {"user": "i8", "item": "i8", "time": "i8", "rating": "f8", "action": "U8", "-": "U1"}
+_VALID = {
+    "user": bool,
+    "item": bool,
+    "-": lambda v: True,
+    "time": lambda v: bool(_INT.fullmatch(v)),
+    "rating": lambda v: _is_number(v) and 0 < float(v) <= 5,
+    "action": lambda v: v.lower() in BEHAVIORS or (bool(_INT.fullmatch(v)) and 0 <= int(v) <= MAX_ACTION),
+}
+_EXPECTED = {
+    "user": "an id",
+    "item": "an id",
+    "time": "an integer (unix seconds)",
+    "rating": "a rating in (0, 5]",
+    "action": f"an action id 0..{MAX_ACTION} or a behaviour ({', '.join(BEHAVIORS)})",
+}
+
+
+def _read_table(path: Path, layout: Layout) -> tuple[np.ndarray, np.ndarray, np.ndarray | None,
+                                                     np.ndarray | None, frozenset[int]]:
+    """[n] users and items; ts and actions (int64, None without such a column); the engagement actions."""
+    try:
+        cols = _parse(path, layout)
+        ts = cols["time"].astype(np.int64) if "time" in cols else None
+        if "rating" in cols:
+            actions, engagement = _rating_actions(cols["rating"].astype(np.float64)), RATING_ENGAGEMENT
+        elif "action" in cols:
+            actions, engagement = _action_ids(cols["action"])
+        else:
+            actions, engagement = None, frozenset()
+    except DataError:
+        raise
     except ValueError as e:
-        _diagnose(path, raw, header, 4)
+        _diagnose(path, layout)
         raise DataError(f"{path}: {e}") from e
-    if table.shape[1] != 4:
-        _diagnose(path, raw, header, 4)
-    users, items, ts = (table[:, c].astype(np.int64) for c in (0, 1, 3))
-    return users, items, ts, np.rint(table[:, 2] * 2).astype(np.int64)
+    return cols["user"], cols["item"], ts, actions, engagement
 
 
-def _diagnose(path: Path, raw: str, header: int, ncols: int) -> None:
-    """Raise a `DataError` naming the first line that is not `ncols` numbers."""
-    for lineno, line in enumerate(raw.splitlines()[header:], start=header + 1):
-        if not line.strip():
-            continue
-        fields = line.split(",")
-        if len(fields) != ncols:
-            raise DataError(f"{path.name} line {lineno}: expected {ncols} fields, got {len(fields)} ({path})")
-        for field in fields:
-            try:
-                float(field)
-            except ValueError:
-                bad = field.strip()
-                raise DataError(f"{path.name} line {lineno}: not a number: {bad!r} ({path})") from None
+def _parse(path: Path, layout: Layout) -> dict[str, np.ndarray]:
+    """Role -> [n] column, by numpy's C parser: typed when ids are integers, else as strings."""
+    source, delimiter = path, layout.delimiter
+    if delimiter == "::":  # loadtxt's delimiter is one character: the ASCII unit separator, in no data file
+        source, delimiter = io.StringIO(path.read_text(encoding="utf-8-sig").replace("::", "\x1f")), "\x1f"
+    opts = dict(delimiter=None if delimiter == " " else delimiter, skiprows=layout.header_line, comments=None,
+                encoding="utf-8-sig", quotechar='"' if delimiter == "," else None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # about blank lines and an empty body, handled here
+        try:
+            fast = np.loadtxt(source, dtype=[(f"c{k}", _FAST_DTYPE[r]) for k, r in enumerate(layout.roles)],
+                              ndmin=1, **opts)
+            cols = [fast[f"c{k}"] for k in range(len(layout.roles))]
+        except ValueError:
+            if isinstance(source, io.StringIO):
+                source.seek(0)
+            table = np.char.strip(np.loadtxt(source, dtype=str, ndmin=2, **opts))
+            if len(table) and table.shape[1] != len(layout.roles):
+                raise ValueError(f"expected {len(layout.roles)} columns, found {table.shape[1]}") from None
+            cols = list(table.T) if len(table) else [table.reshape(-1)] * len(layout.roles)
+            if any((np.char.str_len(cols[layout.roles.index(r)]) == 0).any() for r in ("user", "item")):
+                raise ValueError("an empty user or item id") from None
+    if not len(cols[0]):
+        where = f"line {layout.header_line + 1}: no events after the header" if layout.header_line else "no events"
+        raise DataError(f"{path.name} {where} ({path})")
+    return {role: col for role, col in zip(layout.roles, cols, strict=True) if role != "-"}
 
 
-def _read_tokens(path: Path, *, pairs: bool) -> tuple[np.ndarray, np.ndarray]:
-    """[n] users and items from `uid i1 i2 ...` lines, or `uid iid` pairs; file order is time order."""
+def _rating_actions(ratings: np.ndarray) -> np.ndarray:
+    """[n] star ratings in (0, 5] -> action ids round(2 * rating), 1..10."""
+    if not ((ratings > 0) & (ratings <= 5)).all():
+        raise ValueError("a rating outside (0, 5]; give the column as an action with --columns to keep its values")
+    return np.rint(ratings * 2).astype(np.int64)
+
+
+def _action_ids(values: np.ndarray) -> tuple[np.ndarray, frozenset[int]]:
+    """[n] behaviour names (`BEHAVIORS`) or action ids -> int64 ids and the engagement ids they imply."""
+    names, inverse = np.unique(np.char.lower(values), return_inverse=True)
+    inverse = inverse.reshape(-1)
+    if all(n in BEHAVIORS for n in names.tolist()):
+        return np.array([BEHAVIORS[n] for n in names.tolist()], dtype=np.int64)[inverse], BEHAVIOR_ENGAGEMENT
+    try:
+        ids = names.astype(np.int64)
+    except ValueError:
+        raise ValueError(f"the action column mixes behaviours ({', '.join(BEHAVIORS)}) and other values "
+                         f"({', '.join(n for n in names.tolist()[:5] if n not in BEHAVIORS)})") from None
+    if ids.min() < 0 or ids.max() > MAX_ACTION:
+        raise ValueError(f"an action id outside 0..{MAX_ACTION}")
+    return ids[inverse], frozenset()
+
+
+def _diagnose(path: Path, layout: Layout) -> None:
+    """Raise a `DataError` naming the first line that does not fit `layout` (a slow pass, on errors only)."""
+    n = len(layout.roles)
+    with open(path, encoding="utf-8-sig", errors="replace") as f:
+        for lineno, line in enumerate(f, start=1):
+            line = line.rstrip("\r\n")
+            if lineno <= layout.header_line or not (line.split() if layout.delimiter == " " else line):
+                continue  # the lines numpy skips: empty ones, and blank ones between whitespace-separated fields
+            fields = _split(line, layout.delimiter)
+            if len(fields) != n:
+                raise DataError(f"{path.name} line {lineno}: expected {n} fields ({', '.join(layout.roles)}), "
+                                f"got {len(fields)} ({path})")
+            for k, (role, value) in enumerate(zip(layout.roles, fields, strict=True)):
+                if not _VALID[role](value):
+                    raise DataError(f"{path.name} line {lineno}: column {k + 1} ({role}) is not "
+                                    f"{_EXPECTED[role]}: {value!r} ({path})")
+
+
+def _read_lines(path: Path, header_line: int) -> tuple[np.ndarray, np.ndarray]:
+    """[n] users and items from `uid i1 i2 ...` lines after the header, if any; file order is time order."""
     users: list[str] = []
     items: list[str] = []
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8-sig") as f:
         for lineno, line in enumerate(f, start=1):
             fields = line.split()
-            if not fields:
+            if not fields or lineno <= header_line:
                 continue
-            if len(fields) < 2 or (pairs and len(fields) != 2):
-                want = "2 fields (user item)" if pairs else "a user id and at least one item"
-                raise DataError(f"{path.name} line {lineno}: expected {want}, got {len(fields)} ({path})")
+            if len(fields) < 2:
+                raise DataError(f"{path.name} line {lineno}: expected a user id and at least one item, "
+                                f"got {len(fields)} field ({path})")
             users.extend([fields[0]] * (len(fields) - 1))
             items.extend(fields[1:])
     if not users:
         raise DataError(f"{path.name} line 1: empty file, no events ({path})")
     return np.array(users), np.array(items)
 
-
-def _read_csv(
-    path: Path, user_col: str, item_col: str, time_col: str, action_col: str
-) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]:
-    """[n] users and items (strings), ts and actions (int64, None when the column is absent)."""
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.reader(f)
-        header = [c.strip() for c in next(reader, [])]
-        if not header:
-            raise DataError(f"{path.name} line 1: empty file, no header ({path})")
-        missing = [c for c in (user_col, item_col) if c not in header]
-        if missing:
-            raise DataError(f"{path.name} line 1: no column {', '.join(missing)} in header {header} ({path})")
-        cols = [header.index(c) if c in header else None for c in (user_col, item_col, time_col, action_col)]
-        out: list[list[str]] = [[] for _ in cols]
-        for row in reader:
-            if not row:
-                continue
-            if len(row) != len(header):
-                raise DataError(
-                    f"{path.name} line {reader.line_num}: expected {len(header)} fields, "
-                    f"got {len(row)} ({path})"
-                )
-            for dst, c in zip(out, cols, strict=True):
-                if c is not None:
-                    dst.append(row[c])
-        if not out[0]:
-            raise DataError(f"{path.name} line 2: no events after the header ({path})")
-    ints = [_ints(path, out[k], header[cols[k]]) if cols[k] is not None else None for k in (2, 3)]
-    return np.array(out[0]), np.array(out[1]), ints[0], ints[1]
-
-
-def _ints(path: Path, values: list[str], column: str) -> np.ndarray:
-    """[n] int64 of a time or action column; a bad value is reported with its line (header is line 1)."""
-    try:
-        return np.array(values, dtype=np.int64)
-    except ValueError:
-        for row, v in enumerate(values):
-            try:
-                int(v)
-            except ValueError:
-                raise DataError(
-                    f"{path.name} line {row + 2}: column {column} is not an integer: {v!r} ({path})"
-                ) from None
-        raise
 
 
 def save_events_csv(ds: Dataset, path: str | os.PathLike) -> None:

@@ -12,6 +12,9 @@ from pathlib import Path
 
 from kvrec.models.cli import at_least, between, positive_int
 
+# models.data.LAYOUTS' names, spelled out so that `kvrec --help` needs no numpy (a test keeps them equal)
+LAYOUT_NAMES = ("movielens-csv", "movielens-dat", "movielens-100k", "taobao", "lines", "pairs", "csv")
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add the `data` command and its subcommands to the top-level `sub` parsers."""
@@ -52,9 +55,23 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Load a dataset (file, folder, name under the datasets root, or synth spec such as "
         "synth-long:users=100) and print its statistics.",
     )
-    p.add_argument("source", help="path, dataset name (ml-latest-small, lastfm, amazon-beauty) or synth spec")
+    p.add_argument("source", help="path, dataset name (ml-latest-small, lastfm, amazon-beauty, "
+                   "taobao-userbehavior-sample) or synth spec")
     p.add_argument("--min-len", type=positive_int, default=1, help="drop users with fewer events")
+    add_layout_arguments(p)
     p.set_defaults(func=_stats)
+
+
+def add_layout_arguments(p: argparse.ArgumentParser) -> None:
+    """`--format` and `--columns`, for every command that reads a dataset file: they say how to read a
+    file whose layout the loader cannot tell (it refuses rather than guesses); see models.data."""
+    p.add_argument("--format", choices=LAYOUT_NAMES, default=None,
+                   help="the file's layout (default: recognised from the file; an ambiguous one is refused)")
+    p.add_argument("--columns", default=None, metavar="COLUMNS",
+                   help="the file's columns instead: roles in order for a table without a header, e.g. "
+                   "user,item,rating,time or user,item,-,action,time (- skips a column), or role=NAME pairs "
+                   "naming a header's columns, e.g. user=visitor,item=product; roles: user, item, time, "
+                   "rating (stars, 0.5..5), action (an id or pv/cart/fav/buy) (default: those of the --format)")
 
 
 def _fetch(args: argparse.Namespace) -> int:
@@ -87,12 +104,29 @@ def _synth(args: argparse.Namespace) -> int:
 def _stats(args: argparse.Namespace) -> int:
     from kvrec.models.data import load_dataset
 
-    ds = load_dataset(args.source, min_len=args.min_len)
-    rows = {"dataset": ds.name, **ds.stats(), "has_time": ds.has_time, "has_action": ds.has_action,
-            "fingerprint": ds.fingerprint()}
+    ds = load_dataset(args.source, min_len=args.min_len, format=args.format, columns=args.columns)
+    rows = {"dataset": ds.name, "layout": ds.layout, **ds.stats(), "has_time": ds.has_time,
+            "has_action": ds.has_action}
+    if ds.has_action:
+        rows.update(_action_rows(ds))
+    rows["fingerprint"] = ds.fingerprint()
     for key, value in rows.items():
         print(f"{key:<12} {_show(value)}")
     return 0
+
+
+def _action_rows(ds) -> dict[str, str]:
+    """Events per action id, and the share that counts as engagement (the label a ranking head learns)."""
+    import numpy as np
+
+    counts = np.bincount(np.concatenate([s.actions.numpy() for s in ds.seqs]))
+    ids = np.flatnonzero(counts)
+    shown = ", ".join(f"{i}: {counts[i]:,}" for i in ids[:12]) + (f", {len(ids) - 12} more" if len(ids) > 12 else "")
+    if not ds.engagement_actions:
+        return {"actions": shown, "engagement": "not defined for this layout"}
+    engaged = int(sum(counts[i] for i in ds.engagement_actions if i < len(counts)))
+    which = ", ".join(map(str, sorted(ds.engagement_actions)))
+    return {"actions": shown, "engagement": f"actions {which}: {engaged:,} events ({engaged / counts.sum():.1%})"}
 
 
 def _show(value) -> str:

@@ -45,14 +45,15 @@ class HSTUBlock(KVAttention):
         heads = lambda t: t.view(b, n, cfg.heads, -1).transpose(1, 2)  # [B, n, H*d] -> [B, H, n, d]
         return heads(q), heads(k), heads(v), u
 
-    def weights(self, q, k, geometry, key_weight, mask):
-        cfg = self.cfg
+    def logits(self, q, k, geometry):
         pos_bucket, time_bucket_ = geometry  # [B, n, T] each
         # F.embedding, not tensor indexing: on CUDA its backward reduces the B x n x T duplicates of a
         # few dozen buckets in parallel, where indexing's accumulate serialises them (70x slower here)
         rab = F.embedding(pos_bucket, self.pos_bias) + F.embedding(time_bucket_, self.time_bias)  # [B, n, T, H]
-        logits = (q / math.sqrt(cfg.d_k)) @ k.transpose(-1, -2) + rab.permute(0, 3, 1, 2)  # [B, H, n, T]
-        key_scale = (key_weight / min(cfg.max_len, NORM_CAP))[:, None, None, :]  # [B, 1, 1, T]
+        return (q / math.sqrt(self.cfg.d_k)) @ k.transpose(-1, -2) + rab.permute(0, 3, 1, 2)  # [B, H, n, T]
+
+    def normalise(self, logits, key_weight, mask):
+        key_scale = (key_weight / min(self.cfg.max_len, NORM_CAP))[:, None, None, :]  # [B, 1, 1, T]
         return (F.silu(logits) * key_scale).masked_fill(~mask[:, None], 0.0)
 
     def output(self, x, attn, ctx):

@@ -1,12 +1,14 @@
 """Ranking metrics from ranks, shared by training, `kvrec eval-model` and the benchmarks.
 
 A rank is 0-based: the number of items scored strictly above the true item (after exclusions).
+Also the AUC family for an engagement head: `auc` over all labelled cases, `gauc` per user.
 """
 
 from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -39,6 +41,46 @@ def rank_of_targets(scores: Tensor, targets: Tensor, exclude: list[Tensor] | Non
         for row, items in enumerate(exclude):
             scores[row, items] = -math.inf
     return (scores > target_scores).sum(1)
+
+
+def auc(scores, labels) -> float | None:
+    """Area under the ROC curve: the chance that a random positive scores above a random negative, ties
+    counting half (the Mann-Whitney statistic from average ranks, O(n log n)). None when one class is
+    missing: an AUC of no pairs is undefined, and a 0.5 would read as a measurement."""
+    s = np.asarray(scores, dtype=np.float64).reshape(-1)
+    y = np.asarray(labels, dtype=bool).reshape(-1)
+    if s.shape != y.shape:
+        raise ValueError(f"auc: {s.shape[0]} scores for {y.shape[0]} labels")
+    pos, neg = int(y.sum()), int((~y).sum())
+    if pos == 0 or neg == 0:
+        return None
+    order = np.argsort(s, kind="stable")
+    sorted_s = s[order]
+    ranks = np.empty(len(s), dtype=np.float64)
+    # average 1-based rank of each run of equal scores
+    starts = np.flatnonzero(np.r_[True, sorted_s[1:] != sorted_s[:-1]])
+    ends = np.r_[starts[1:], len(s)]
+    ranks[order] = np.repeat((starts + ends + 1) / 2.0, ends - starts)
+    return float((ranks[y].sum() - pos * (pos + 1) / 2) / (pos * neg))
+
+
+def gauc(scores, labels, groups) -> tuple[float | None, int]:
+    """Group AUC (Zhou et al., DIN, KDD 2018): each group's (user's) AUC weighted by its number of labelled
+    cases, groups with a single label class skipped (they rank nothing). An overall AUC mixes users and
+    rewards knowing who engages at all; GAUC asks whether each user's engaged items are ranked above that
+    user's others. Returns (GAUC or None when no group has both classes, groups counted)."""
+    s = np.asarray(scores, dtype=np.float64).reshape(-1)
+    y = np.asarray(labels, dtype=bool).reshape(-1)
+    g = np.asarray(groups).reshape(-1)
+    total, weight, counted = 0.0, 0, 0
+    for group in np.unique(g):
+        rows = g == group
+        value = auc(s[rows], y[rows])
+        if value is not None:
+            total += value * int(rows.sum())
+            weight += int(rows.sum())
+            counted += 1
+    return (total / weight if weight else None), counted
 
 
 def percentile(values, q: float) -> float:

@@ -27,7 +27,7 @@ class ModelConfig:
     """Hyperparameters of either model. The defaults are the design card's small model:
     2 layers x 2 heads x (32 + 32) x 4 bytes = 1 KiB of fp32 state per event."""
 
-    kind: str = "hstu"  # "hstu" or "sasrec"
+    kind: str = "hstu"  # a name in models.registry.MODELS: "hstu", "sasrec" or "astro"
     num_items: int = 1  # catalogue size; id num_items is the out-of-vocabulary item
     num_actions: int = 16  # action ids 0..num_actions-1; 0 means "no action"
     dim: int = 64
@@ -44,6 +44,7 @@ class ModelConfig:
     pos_buckets: int = 32
     time_buckets: int = 64
     obs_window: int = 16  # new queries whose attention rows `extend` reports (SnapKV-style policies)
+    ranking_head: bool = False  # a target-aware ranking head (models.recommender.Targets, `rank`)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -61,6 +62,21 @@ class Window:
     valid: Tensor
     mask: Tensor
     geometry: Any
+
+
+@dataclass
+class Targets:
+    """Candidates that enter a training pass as target tokens (M-FALCON, Zhai et al. 2024, section 3.4):
+    each is its item embedding with no action, sees the first `seen` valid events of its row's window
+    and itself, never another candidate, and takes position `seen` (the next event's) and time `ts`.
+
+    items, seen, ts [B, C] int64. Many candidates of one row may share a cut point (one positive and its
+    sampled negatives) and different cut points may share a row, so one pass trains them all.
+    """
+
+    items: Tensor
+    seen: Tensor
+    ts: Tensor
 
 
 class Extension:
@@ -112,6 +128,12 @@ class Block(nn.Module):
         LayerState; `part` is left as it was) and the call's attention statistics."""
         raise NotImplementedError
 
+    def rank(self, x: Tensor, part: LayerState, ext: Extension) -> Tensor:
+        """Target tokens x [1, C, D], all at position ext.q_pos and time ext.ts ([1] each) -> their output
+        [1, C, D]: each sees this layer's state and itself, never another target. `forward` with
+        `Targets` must agree."""
+        raise NotImplementedError(f"{type(self).__name__} has no target-aware ranking")
+
 
 class KVAttention(Block):
     """A block that caches every event's key and value: the token state "kv" (k [H, T, d_k], v [H, T,
@@ -125,13 +147,19 @@ class KVAttention(Block):
         """x [B, n, D], pos [B, n] -> q, k [B, H, n, d_k], v [B, H, n, d_v], ctx (for `output`)."""
         raise NotImplementedError
 
-    def weights(self, q: Tensor, k: Tensor, geometry, key_weight: Tensor, mask: Tensor) -> Tensor:
-        """Attention weights [B, H, n, T] applied to the values.
-
-        q [B, H, n, d_k], k [B, H, T, d_k]; geometry: what the model's `geometry` derived from relative
-        positions and times; key_weight [B, T] (a merged key stands for that many events); mask [B, n, T].
-        """
+    def logits(self, q: Tensor, k: Tensor, geometry) -> Tensor:
+        """Attention logits [B, H, n, T]. q [B, H, n, d_k], k [B, H, T, d_k]; geometry: what the model's
+        `geometry` derived from relative positions and times ([B, n, T] layouts)."""
         raise NotImplementedError
+
+    def normalise(self, logits: Tensor, key_weight: Tensor, mask: Tensor) -> Tensor:
+        """Logits [B, H, n, T] -> the weights applied to the values; key_weight [B, T] (a merged key
+        stands for that many events), mask [B, n, T] (False: the query may not see the key)."""
+        raise NotImplementedError
+
+    def weights(self, q: Tensor, k: Tensor, geometry, key_weight: Tensor, mask: Tensor) -> Tensor:
+        """Attention weights [B, H, n, T] applied to the values (see `logits` and `normalise`)."""
+        return self.normalise(self.logits(q, k, geometry), key_weight, mask)
 
     def output(self, x: Tensor, attn: Tensor, ctx: Tensor) -> Tensor:
         """x [B, n, D], attn [B, H, n, d_v] (weights @ values) -> new residual stream [B, n, D]."""
@@ -162,6 +190,25 @@ class KVAttention(Block):
                            cfg.heads * n * keys.shape[1] * (cfg.d_k + cfg.d_v))
         return x, LayerState({"k": keys, "v": values}, k_pos, k_ts, k_weight), stats
 
+    def rank(self, x: Tensor, part: LayerState, ext: Extension) -> Tensor:
+        """Target tokens x [1, C, D] against this layer's cached tokens -> their output [1, C, D].
+
+        Each target attends to every cached token and to itself, never to another target, so C
+        candidates cost C x T key reads and are independent of how they are batched. All targets share
+        one position and time (ext.q_pos, ext.ts: [1]), so their geometry against the cache is computed
+        once and broadcast. The cached logits [1, H, C, T] and each target's logit on its own key
+        [1, H, C, 1] are normalised together (a softmax needs both), then the values are folded in."""
+        q, k, v, ctx = self.qkv(x, ext.q_pos[None])  # [1, H, C, d]
+        cached = self.logits(q, part.tokens["k"][None], ext.geometry(part.pos, part.ts))  # [1, H, C, T]
+        zero = torch.zeros(1, 1, 1, dtype=torch.long, device=x.device)  # distance and gap to itself
+        own = self.logits(q.transpose(0, 2), k.transpose(0, 2), ext.geometry_of(zero, zero))  # [C, H, 1, 1]
+        logits = torch.cat([cached, own.transpose(0, 2)], dim=-1)  # [1, H, C, T + 1]
+        key_weight = torch.cat([part.weight, part.weight.new_ones(1)])[None]  # [1, T + 1]
+        sees_all = torch.ones(1, 1, 1, dtype=torch.bool, device=x.device)  # [1, 1, 1], broadcast
+        w = self.normalise(logits, key_weight, sees_all)
+        attn = w[..., :-1] @ part.tokens["v"][None] + w[..., -1:] * v  # [1, H, C, d_v]
+        return self.output(x, attn, ctx)
+
 
 class SequentialRecommender(nn.Module):
     """Base of every backbone: embeddings, forward/prefill/extend over its blocks, score and top-k."""
@@ -178,6 +225,9 @@ class SequentialRecommender(nn.Module):
         self.blocks = nn.ModuleList(blocks)
         self.final_norm = nn.LayerNorm(cfg.dim)
         self.drop = nn.Dropout(cfg.dropout)
+        # ranking head: a target token's final hidden -> (relevance logit, engagement logit)
+        self.rank_head = nn.Sequential(nn.Linear(cfg.dim, cfg.dim), nn.SiLU(), nn.Linear(cfg.dim, 2)) \
+            if cfg.ranking_head else None
         nn.init.normal_(self.item_emb.weight, std=0.02)
         nn.init.normal_(self.action_emb.weight, std=0.02)
 
@@ -191,21 +241,36 @@ class SequentialRecommender(nn.Module):
 
     # ----------------------------------------------------------------------------- training
 
-    def forward(self, items: Tensor, ts: Tensor, actions: Tensor, valid: Tensor) -> Tensor:
+    def forward(self, items: Tensor, ts: Tensor, actions: Tensor, valid: Tensor,
+                targets: Targets | None = None) -> Tensor | tuple[Tensor, Tensor]:
         """Full causal pass over padded windows.
 
         items, ts, actions [B, L] int64, valid [B, L] bool (padding anywhere) -> hidden [B, L, D].
-        Positions count valid events only, so left and right padding give the same result.
+        Positions count valid events only, so left and right padding give the same result. With
+        `targets` [B, C], their C tokens join the pass under M-FALCON's mask and it returns
+        (hidden [B, L, D], target hidden [B, C, D]); the history's hidden vectors are unchanged by them.
         """
         pos = valid.long().cumsum(1) - 1  # [B, L]
         x = self.embed(items, actions)
-        rel_pos = pos[:, :, None] - pos[:, None, :]  # [B, L, L]
+        mask = valid[:, None, :] & (pos[:, :, None] >= pos[:, None, :]) & valid[:, :, None]  # [B, L, L]
+        if targets is not None:
+            b, length, c = *items.shape, targets.items.shape[1]
+            x = torch.cat([x, self.embed(targets.items, torch.zeros_like(targets.items))], dim=1)
+            sees = valid[:, None, :] & (pos[:, None, :] < targets.seen[:, :, None])  # [B, C, L]
+            own = torch.eye(c, dtype=torch.bool, device=items.device).expand(b, c, c)
+            mask = torch.cat([torch.cat([mask, mask.new_zeros(b, length, c)], dim=2),
+                              torch.cat([sees, own], dim=2)], dim=1)  # [B, L + C, L + C]
+            pos, ts = torch.cat([pos, targets.seen], dim=1), torch.cat([ts, targets.ts], dim=1)
+            valid = torch.cat([valid, torch.ones_like(targets.items, dtype=torch.bool)], dim=1)
+        rel_pos = pos[:, :, None] - pos[:, None, :]  # [B, L', L']
         rel_ts = ts[:, :, None] - ts[:, None, :]
-        mask = valid[:, None, :] & (rel_pos >= 0) & valid[:, :, None]
         window = Window(pos, valid, mask, self.geometry(rel_pos, rel_ts))
         for block in self.blocks:
             x = block(x, window)
-        return self.final_norm(x)
+        x = self.final_norm(x)
+        if targets is None:
+            return x
+        return x[:, :items.shape[1]], x[:, items.shape[1]:]
 
     def geometry(self, rel_pos: Tensor, rel_ts: Tensor):
         """What the blocks need of the query-key layout (rel_pos, rel_ts [B, n, T] int64, query minus key),
@@ -217,6 +282,16 @@ class SequentialRecommender(nn.Module):
     def empty_state(self) -> State:
         dev = self.item_emb.weight.device
         return State(self.state_kind, [block.empty_state(dev) for block in self.blocks])
+
+    def extension(self, q_pos: Tensor, ts: Tensor, actions: Tensor) -> Extension:
+        """What `extend` tells every block about the new events (positions, times, actions: [n] each); a
+        backbone whose blocks need more (e.g. ASTRO's sub-sequences) returns its own."""
+        return Extension(self.geometry, q_pos, ts)
+
+    def read_out(self, x: Tensor, top: LayerState, position: Tensor) -> Tensor:
+        """The user's hidden vector [D] after the event at `position` whose top-layer output is x [D];
+        `top` is the top layer's extended state, for a backbone that reads it."""
+        return self.final_norm(x)
 
     @torch.no_grad()
     def extend(self, state: State, events: Events) -> tuple[State, Tensor | None, AttentionStats]:
@@ -233,14 +308,14 @@ class SequentialRecommender(nn.Module):
             window = [z.new_zeros(z.shape[0], 0, z.shape[1]) for z in zeros]  # [H, 0, T_l]
             return state, state.last_hidden, AttentionStats(zeros, window)
         items, ts, actions = (t.to(dev) for t in (events.items, events.ts, events.actions))
-        ext = Extension(self.geometry, state.events_consumed + torch.arange(n, device=dev), ts)
+        ext = self.extension(state.events_consumed + torch.arange(n, device=dev), ts, actions)
         x = self.embed(items, actions)[None]  # [1, n, D]
         layers, stats = [], []
         for part, block in zip(state.layers, self.blocks):
             x, part, layer_stats = block.extend(x, part, ext)
             layers.append(part)
             stats.append(layer_stats)
-        hidden = self.final_norm(x[0, -1])
+        hidden = self.read_out(x[0, -1], layers[-1], ext.q_pos[-1])
         # extras are aligned with the token axis: new tokens start at zero (e.g. no accumulated attention)
         extras = {name: [F.pad(t, (0, part.num_tokens - t.shape[-1])) for t, part in zip(per_layer, layers)]
                   for name, per_layer in state.extras.items()}
@@ -266,7 +341,7 @@ class SequentialRecommender(nn.Module):
             received, macs = stats.received, stats.macs
         return state, hidden, stats
 
-    # ----------------------------------------------------------------------------- ranking
+    # ----------------------------------------------------------------------------- retrieval
 
     def item_vectors(self) -> Tensor:
         """[N, D] L2-normalised catalogue embeddings (the OOV row excluded).
@@ -298,6 +373,40 @@ class SequentialRecommender(nn.Module):
             for row, items in enumerate(exclude):
                 scores[row, items[items < self.cfg.num_items]] = -math.inf
         return scores.topk(min(k, scores.shape[1]), dim=1)
+
+    # ----------------------------------------------------------------------------- target-aware ranking
+
+    def head(self, target_hidden: Tensor) -> tuple[Tensor, Tensor]:
+        """Target hidden [..., D] -> relevance logits [...] and engagement logits [...]."""
+        if self.rank_head is None:
+            raise ValueError("this model has no ranking head (train it with --task ranking)")
+        out = self.rank_head(target_hidden)
+        return out[..., 0], out[..., 1]
+
+    @torch.no_grad()
+    def rank(self, state: State, candidates: Tensor, ts: int, batch: int = 256) -> tuple[Tensor, Tensor]:
+        """Score candidates [C] (internal ids) against a cached state, `batch` at a time: each is a target
+        token at the next position and time `ts` that sees the state and itself, never another candidate,
+        so one pass over the state ranks a whole batch and the batch size changes no score.
+
+        Returns relevance logits [C] and engagement probabilities [C]."""
+        dev = self.item_emb.weight.device
+        candidates = candidates.to(dev)
+        relevance, engage = [], []
+        for start in range(0, candidates.shape[0], batch):
+            chunk = candidates[start:start + batch]  # [c]
+            ext = Extension(self.geometry, torch.tensor([state.events_consumed], device=dev),
+                            torch.tensor([int(ts)], device=dev))  # one position and time for all
+            x = self.embed(chunk, torch.zeros_like(chunk))[None]  # [1, c, D]
+            for part, block in zip(state.layers, self.blocks):
+                x = block.rank(x, part, ext)
+            rel, eng = self.head(self.final_norm(x[0]))
+            relevance.append(rel)
+            engage.append(torch.sigmoid(eng))
+        if not relevance:
+            empty = torch.zeros(0, device=dev)
+            return empty, empty
+        return torch.cat(relevance), torch.cat(engage)
 
 
 def log_bucket(distance: Tensor, num_buckets: int, exact: int = 16, max_distance: int = 4096) -> Tensor:

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from kvrec.models.astro import ASTRO
 from kvrec.models.hstu import HSTU
 from kvrec.models.recommender import ModelConfig, SequentialRecommender
 from kvrec.models.sasrec import SASRec
 
-MODELS = {"hstu": HSTU, "sasrec": SASRec}
+MODELS = {"hstu": HSTU, "sasrec": SASRec, "astro": ASTRO}
 
 
 def build_model(cfg: ModelConfig) -> SequentialRecommender:

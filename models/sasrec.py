@@ -48,8 +48,10 @@ class SASRecBlock(KVAttention):
         k = rotate(heads(self.k(h)), pos)
         return q, k, heads(self.v(h)), x
 
-    def weights(self, q, k, geometry, key_weight, mask):
-        logits = (q / math.sqrt(self.cfg.d_k)) @ k.transpose(-1, -2)  # [B, H, n, T]
+    def logits(self, q, k, geometry):
+        return (q / math.sqrt(self.cfg.d_k)) @ k.transpose(-1, -2)  # [B, H, n, T]
+
+    def normalise(self, logits, key_weight, mask):
         logits = logits + key_weight.clamp(min=1e-30).log()[:, None, None, :]  # a merged key counts w times
         logits = logits.masked_fill(~mask[:, None], -math.inf)
         # a padded query row has no allowed key: give it zeros instead of NaN

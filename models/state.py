@@ -7,8 +7,9 @@ per layer a `LayerState` of named tensors. A layer's tensors are of two sorts:
 - *token* tensors, one entry per kept token on axis 1 (`[G, T, d]`: K/V are `k [H_kv, T, d_k]` and
   `v [H_kv, T, d_v]`, a latent-attention layer would keep one latent per token), together with each kept
   token's absolute position in the history, its timestamp and its multiplicity (a merged token stands
-  for several events). Positions are never renumbered after eviction, so relative position biases stay
-  correct whatever a compression policy dropped;
+  for several events). Positions are not renumbered after eviction, so relative position biases stay
+  correct whatever a compression policy dropped; the one deliberate exception is `streaming`, which lays
+  its sinks out right before its window as StreamingLLM's cache does;
 - *fixed* tensors, whose size does not grow with the history (a recurrent layer's matrix `[H, d_k, d_v]`).
 
 Tokens are shared by all token tensors and heads of a layer (a policy evicts a token for all of them at

@@ -5,6 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 from kvrec.models.data import (
+    BEHAVIOR_ENGAGEMENT,
+    BEHAVIORS,
+    RATING_ENGAGEMENT,
     DataError,
     build_dataset,
     datasets_root,
@@ -72,26 +75,43 @@ def test_pairs_format_is_detected_and_keeps_file_order(tmp_path):
 
 def test_generic_csv_with_named_columns_and_min_len(tmp_path):
     f = write(tmp_path / "log.csv", "who,what,when,kind\nA,p,5,1\nB,q,1,2\nA,q,2,0\nA,r,9,3\n")
-    ds = load_dataset(f, user_col="who", item_col="what", time_col="when", action_col="kind", min_len=2)
+    ds = load_dataset(f, columns="user=who,item=what,time=when,action=kind", min_len=2)
     assert ds.user_ids == ["A"]  # B has one event
     assert ds.item_ids == ["q", "p", "r"]  # contiguous over the users kept
     assert ds.seqs[0].ts.tolist() == [2, 5, 9] and ds.seqs[0].actions.tolist() == [0, 1, 3]
-    no_time = load_dataset(f, user_col="who", item_col="what", time_col="none", action_col="none")
+    assert ds.engagement_actions == frozenset()  # raw action ids: nothing known about engagement
+    no_time = load_dataset(f, columns={"user": "who", "item": "what"})
     assert not no_time.has_time and not no_time.has_action
     assert no_time.seqs[0].items.tolist() == [0, 1, 2]  # file order: p, q, r
+
+
+def test_known_header_names_in_any_case_and_named_columns_win(tmp_path):
+    f = write(tmp_path / "log.csv", "User_ID,ITEM,Ts,visitor,rating\n1,a,9,v1,4.0\n1,b,3,v1,2.0\n")
+    ds = load_dataset(f)
+    assert ds.layout.roles == ("user", "item", "time", "-", "rating")
+    assert ds.item_ids == ["b", "a"] and ds.seqs[0].actions.tolist() == [4, 8]
+    by_visitor = load_dataset(f, columns="user=visitor")  # User_ID is then no user column
+    assert by_visitor.layout.roles == ("-", "item", "time", "user", "rating") and by_visitor.user_ids == ["v1"]
 
 
 @pytest.mark.parametrize(
     ("name", "text", "message"),
     [
-        ("ratings.csv", f"{ML_HEADER}1,2,3.0,4\n1,2\n", "ratings.csv line 3: expected 4 fields, got 2"),
-        ("ratings.csv", f"{ML_HEADER}1,2,x,4\n", "ratings.csv line 2: not a number: 'x'"),
-        ("ratings.dat", "1::2::3::4\n5::6\n", "ratings.dat line 2: expected 4 fields, got 2"),
+        ("ratings.csv", f"{ML_HEADER}1,2,3.0,4\n1,2\n", r"ratings.csv line 3: expected 4 fields .*, got 2"),
+        ("ratings.csv", f"{ML_HEADER}1,2,x,4\n", r"ratings.csv line 2: column 3 \(rating\) is not a rating .*'x'"),
+        ("ratings.csv", f"{ML_HEADER}1,2,7,4\n", r"ratings.csv line 2: column 3 \(rating\) is not a rating in"),
+        ("ratings.csv", f"{ML_HEADER}1,2,3.0,4\n  \n", r"ratings.csv line 3: expected 4 fields .*, got 1"),
+        ("ratings.dat", "1::2::3::4\n5::6\n", r"ratings.dat: cannot tell .*line 2: 2\)"),
         ("ratings.csv", "", "ratings.csv line 1: empty"),
         ("ratings.csv", ML_HEADER, "ratings.csv line 2: no events"),
-        ("data.txt", "u1\n", "data.txt line 1: expected a user id"),
-        ("events.csv", "user_id,item_id,timestamp\na,b,1\na,c,soon\n", "events.csv line 3: column timestamp"),
-        ("events.csv", "user,item\na,b\n", "events.csv line 1: no column user_id"),
+        ("data.txt", "u1\n", "data.txt: cannot tell the layout of 1 whitespace-separated column"),
+        ("events.csv", "user_id,item_id,timestamp\na,b,1\na,c,soon\n", r"events.csv line 3: column 3 \(time\)"),
+        ("events.csv", "user_id,item_id\na,\n", r"events.csv line 2: column 2 \(item\) is not an id"),
+        ("events.csv", "visitor,product\nv,p\n", "events.csv: cannot tell the layout of 2 comma-separated"),
+        ("events.csv", "uid,user,item\n1,2,3\n", "events.csv: columns uid=user, user=user, item=item: need one"),
+        ("log.csv", "1,7,0,click,5\n", "log.csv: cannot tell the layout of 5 comma-separated columns"),
+        ("log.csv", "user,item,action\n1,2,pv\n1,3,3\n", r"action column mixes behaviours .* other values \(3\)"),
+        ("log.csv", "user,item,action\n1,2,123456789\n", r"log.csv line 2: column 3 \(action\) is not an action id"),
     ],
 )
 def test_malformed_input_names_file_and_line(tmp_path, name, text, message):
@@ -99,11 +119,31 @@ def test_malformed_input_names_file_and_line(tmp_path, name, text, message):
         load_dataset(write(tmp_path / name, text))
 
 
+def test_a_taobao_file_with_an_unknown_behaviour_is_refused_at_its_line(tmp_path):
+    f = write(tmp_path / "UserBehavior.csv", "1,7,0,pv,5\n1,8,0,click,6\n")
+    with pytest.raises(DataError, match=r"line 2: column 4 \(action\) .* \(pv, cart, fav, buy\): 'click'"):
+        load_dataset(f, format="taobao")
+
+
 def test_missing_source_lists_what_was_looked_for(tmp_path):
     with pytest.raises(DataError, match="looked for"):
         load_dataset(tmp_path / "nowhere")
-    with pytest.raises(DataError, match="ratings.csv, ratings.dat, events.csv"):
+    with pytest.raises(DataError, match=r"ratings.csv, ratings.dat, u.data, events.csv, \*.txt, \*.csv"):
         load_dataset(tmp_path)
+
+
+def test_folders_of_movielens_100k_and_taobao_resolve_to_their_data_file(tmp_path):
+    ml = tmp_path / "ml-100k"
+    ml.mkdir()
+    write(ml / "u.data", "196\t242\t3\t881250949\n")
+    write(ml / "u.item", "242|Kolya (1996)|24-Jan-1997\n")
+    ds = load_dataset(ml)
+    assert ds.name == "ml-100k" and ds.layout.name == "movielens-100k" and ds.item_ids == ["242"]
+    taobao = tmp_path / "taobao"
+    taobao.mkdir()
+    write(taobao / "UserBehavior.csv", "1,7,0,buy,5\n")
+    ds = load_dataset(taobao)
+    assert ds.name == "taobao" and ds.layout.name == "taobao" and ds.seqs[0].actions.tolist() == [4]
 
 
 def test_fingerprint_item_map_and_csv_round_trip(tmp_path):
@@ -122,21 +162,29 @@ def test_fingerprint_item_map_and_csv_round_trip(tmp_path):
 
 @needs_shared
 @pytest.mark.parametrize(
-    ("name", "users", "items", "events"),
+    ("name", "layout", "users", "items", "events"),
     [
-        ("ml-latest-small", 671, 9066, 100_004),
-        ("lastfm", 1090, 3646, 52_551),
-        ("amazon-beauty", 22_363, 12_101, 198_502),
+        ("ml-latest-small", "movielens-csv", 671, 9066, 100_004),
+        ("lastfm", "lines", 1090, 3646, 52_551),
+        ("amazon-beauty", "lines", 22_363, 12_101, 198_502),
+        ("taobao-userbehavior-sample", "taobao", 814, 55_233, 84_287),
     ],
 )
-def test_real_datasets_match_their_readme(name, users, items, events):
+def test_real_datasets_match_their_readme(name, layout, users, items, events):
     ds = load_dataset(name)
     stats = ds.stats()
+    assert ds.layout.name == layout
     assert (stats["users"], stats["items"], stats["events"]) == (users, items, events)
     assert all(bool((s.ts[1:] >= s.ts[:-1]).all()) for s in ds.seqs)
     if name == "ml-latest-small":
         assert (stats["median_len"], stats["p90_len"], stats["max_len"]) == (71, 323, 2391)
         assert ds.fingerprint() == load_dataset(datasets_root() / name / "ratings.csv").fingerprint()
+        assert ds.engagement_actions == RATING_ENGAGEMENT
+    if name == "taobao-userbehavior-sample":  # the README's behaviour counts: pv, cart, fav, buy
+        actions = torch.cat([s.actions for s in ds.seqs])
+        assert torch.bincount(actions).tolist() == [0, 75_693, 4_494, 2_351, 1_749]
+        assert ds.engagement_actions == BEHAVIOR_ENGAGEMENT == {BEHAVIORS[b] for b in ("cart", "fav", "buy")}
+        assert (stats["median_len"], stats["p90_len"], stats["max_len"]) == (78, 226, 539)
 
 
 def test_leave_one_out():
