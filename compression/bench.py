@@ -7,11 +7,18 @@ extended state, as the server answers a request after folding its events in: it 
 request's first event (HR@10, NDCG@10 over the whole catalogue) and ranks the next request's items
 against sampled negatives (GAUC, Recall@10). Every policy is compared with `full` on the same requests
 (top-10 overlap, mean absolute score error), which is why `full` always runs first.
+
+With a ranking head (a model trained with `--task ranking`), each request also ranks the next request's
+first item among `rank_candidates` sampled ones (itself included, negatives never in the history) as the
+server ranks a request's candidates: target tokens over the state the policy left (`ServingStep.rank`), so a
+policy's loss shows in the ranking (`rank_ndcg@10`, `rank_hr@10`), beside retrieval on the same candidates
+(`rank_retrieval_ndcg@10`); where the checkpoint records engagement actions, the engagement head's AUC and
+per-user GAUC on the next item's label (`engage_auc`, `engage_gauc`). `ms_rank` is the ranking pass's
+time, apart from `ms_per_request` so that the state path's cost stays comparable across models.
 """
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
 
@@ -20,8 +27,10 @@ import torch
 from kvrec.compression.base import PolicyContext
 from kvrec.compression.spec import parse_policy
 from kvrec.compression.step import ServingStep
-from kvrec.models.metrics import percentile, rank_of_targets
+from kvrec.models.evaluate import engagement_labels, sample_candidates
+from kvrec.models.metrics import auc, gauc, percentile, rank_of_targets
 from kvrec.models.state import Events
+from kvrec.models.uncertainty import paired_difference
 from torch import Tensor
 
 REFERENCE = "full"
@@ -36,6 +45,8 @@ class Request:
     positives: Tensor  # [P] the next request's distinct items
     negatives: Tensor  # [C] sampled items that are not positives
     exclude: Tensor  # items seen so far (excluded from the catalogue ranking when the data never repeats)
+    candidates: Tensor | None = None  # [C] for the ranking head: `target` first, then items never seen
+    engaged: bool | None = None  # whether `target`'s event counts as engagement (None: no labels)
 
 
 @dataclass
@@ -43,6 +54,7 @@ class Tally:
     """Per-request measurements of one policy, summarized into one results row."""
 
     ranks: list[int] = field(default_factory=list)
+    rank_user: list[int] = field(default_factory=list)  # the user of each entry of `ranks`
     auc: list[float] = field(default_factory=list)
     auc_weight: list[int] = field(default_factory=list)
     recall: list[float] = field(default_factory=list)
@@ -51,10 +63,21 @@ class Tally:
     final_bytes: list[int] = field(default_factory=list)  # per user: the blob left in the store
     macs: list[int] = field(default_factory=list)
     ms: dict[str, list[float]] = field(default_factory=lambda: {"extend": [], "compress": [], "codec": []})
+    head_ranks: list[int] = field(default_factory=list)  # the target among the candidates, ranking head
+    head_user: list[int] = field(default_factory=list)  # the user of each entry of `head_ranks`
+    cand_ranks: list[int] = field(default_factory=list)  # the same, by retrieval
+    engage: list[float] = field(default_factory=list)  # engagement probability of the target
+    engage_label: list[bool] = field(default_factory=list)
+    engage_user: list[int] = field(default_factory=list)
+    ms_rank: list[float] = field(default_factory=list)  # the ranking pass over the state (not in ms_per_request)
 
 
 def user_requests(prefix: Events, future: Events, events_per_request: int, max_requests: int | None,
-                  num_items: int, negatives: int, exclude_seen: bool, gen: torch.Generator) -> list[Request]:
+                  num_items: int, negatives: int, exclude_seen: bool, gen: torch.Generator,
+                  rank_candidates: int = 0, engaged: frozenset[int] = frozenset(),
+                  rank_gen: torch.Generator | None = None) -> list[Request]:
+    """The scored requests of one user. With `rank_candidates`, each also carries candidates for the ranking
+    head, drawn from `rank_gen` (its own generator, so the retrieval metrics' negatives stay as they were)."""
     n = (len(future) - 1) // events_per_request  # every scored request needs a next event
     if max_requests is not None:
         n = min(n, max_requests)
@@ -67,14 +90,20 @@ def user_requests(prefix: Events, future: Events, events_per_request: int, max_r
         mask[positives] = False
         pool = mask.nonzero()[:, 0]
         neg = pool[torch.randint(len(pool), (negatives,), generator=gen)]
-        seen = torch.cat([prefix.items, future.items[:end]]) if exclude_seen else torch.zeros(0, dtype=torch.long)
-        out.append(Request(future[end - events_per_request:end], int(nxt.items[0]), positives, neg,
-                           seen[seen != int(nxt.items[0])]))
+        history = torch.cat([prefix.items, future.items[:end]])
+        seen = history if exclude_seen else torch.zeros(0, dtype=torch.long)
+        req = Request(future[end - events_per_request:end], int(nxt.items[0]), positives, neg,
+                      seen[seen != int(nxt.items[0])])
+        if rank_candidates and req.target < num_items:
+            req.candidates = sample_candidates(req.target, history, num_items, rank_candidates, rank_gen)
+            if engaged:
+                req.engaged = bool(engagement_labels(nxt.actions[:1], engaged)[0])
+        out.append(req)
     return out
 
 
 def replay_user(step: ServingStep, prefix: Events, requests: list[Request], tally: Tally,
-                reference: list[Tensor] | None) -> list[Tensor]:
+                reference: list[Tensor] | None, user: int = 0) -> list[Tensor]:
     """Replay one user's requests through the serving step; returns the catalogue scores [N] of each.
 
     As in the service, every request starts from what a decode of the stored blob gives back; under
@@ -100,6 +129,9 @@ def replay_user(step: ServingStep, prefix: Events, requests: list[Request], tall
             tally.ms[stage].append(out.timing_ms[stage])
         tally.ms["codec"].append(decode_ms + out.timing_ms.get("encode", 0.0))
         score_request(step, out.hidden, req, tally, reference[i] if reference is not None else None, scores_out)
+        tally.rank_user.append(user)
+        if req.candidates is not None and step.ranks:
+            rank_request(step, out, req, tally, user)
     tally.final_bytes.append(len(blob))
     return scores_out
 
@@ -123,9 +155,52 @@ def score_request(step: ServingStep, hidden: Tensor, req: Request, tally: Tally,
         tally.score_err.append(float((scores - reference).abs().mean()))
 
 
+@torch.no_grad()
+def rank_request(step: ServingStep, out, req: Request, tally: Tally, user: int) -> None:
+    """The request's candidates ranked by the head over the state the policy left (`out.state`), at the
+    user's latest event time, and by retrieval from the same request's hidden vector."""
+    clock = time.perf_counter()
+    relevance, engage = step.rank(out.state, req.candidates, int(req.events.ts[-1]))
+    tally.ms_rank.append((time.perf_counter() - clock) * 1e3)
+    retrieval = step.scores(out.hidden, req.candidates)
+    first = torch.zeros(1, dtype=torch.long)
+    tally.head_ranks.append(int(rank_of_targets(relevance.cpu()[None], first)[0]))
+    tally.head_user.append(user)
+    tally.cand_ranks.append(int(rank_of_targets(retrieval.cpu()[None], first)[0]))
+    if req.engaged is not None:
+        tally.engage.append(float(engage[0]))
+        tally.engage_label.append(req.engaged)
+        tally.engage_user.append(user)
+
+
+def _gains(ranks: list[int]) -> np.ndarray:
+    """NDCG@10 of each 0-based rank of one relevant item."""
+    r = np.asarray(ranks)
+    return np.where(r < 10, 1.0 / np.log2(r + 2), 0.0)
+
+
+def _at_10(ranks: list[int]) -> tuple[float | None, float | None]:
+    """NDCG@10 and HR@10 of 0-based ranks; None when nothing was ranked."""
+    if not ranks:
+        return None, None
+    return float(_gains(ranks).mean()), float((np.asarray(ranks) < 10).mean())
+
+
+def versus_full(tally: Tally, full: Tally) -> dict:
+    """NDCG@10's paired relative difference to `full` on the same requests, retrieval and (with a head)
+    ranking, with 95% intervals from a bootstrap over users (kvrec.models.uncertainty)."""
+    row = {}
+    for key, mine, ref, users in (("ndcg@10", tally.ranks, full.ranks, tally.rank_user),
+                                  ("rank_ndcg@10", tally.head_ranks, full.head_ranks, tally.head_user)):
+        d = paired_difference(list(_gains(ref)), list(_gains(mine)), users) if mine else None
+        row[f"{key}_vs_full"] = None if d is None else d.relative
+        row[f"{key}_vs_full_ci95"] = None if d is None else list(d.ci95)
+    return row
+
+
 def summarize(spec: str, tally: Tally, full_bytes: float | None, users: int) -> dict:
     ranks = np.asarray(tally.ranks)
-    gains = np.where(ranks < 10, 1.0 / np.log2(ranks + 2), 0.0)
+    gains = _gains(tally.ranks)
     b = np.asarray(tally.final_bytes, dtype=float)
     stored = bool(b.any())
     ms = {stage: float(np.mean(v)) if v else 0.0 for stage, v in tally.ms.items()}
@@ -146,17 +221,33 @@ def summarize(spec: str, tally: Tally, full_bytes: float | None, users: int) -> 
         "ms_per_request": sum(ms.values()),
         "ms_extend": ms["extend"], "ms_compress": ms["compress"], "ms_codec": ms["codec"],
         "users": users, "requests": len(ranks),
+        **ranking_summary(tally),
     }
+
+
+def ranking_summary(tally: Tally) -> dict:
+    """The ranking head's keys of a results row: None where the model has no head or the data no labels."""
+    head_ndcg, head_hr = _at_10(tally.head_ranks)
+    cand_ndcg, cand_hr = _at_10(tally.cand_ranks)
+    row = {"rank_ndcg@10": head_ndcg, "rank_hr@10": head_hr, "rank_retrieval_ndcg@10": cand_ndcg,
+           "rank_retrieval_hr@10": cand_hr, "engage_auc": None, "engage_gauc": None,
+           "ms_rank": float(np.mean(tally.ms_rank)) if tally.ms_rank else None}
+    if tally.engage:
+        row["engage_auc"] = auc(tally.engage, tally.engage_label)
+        row["engage_gauc"] = gauc(tally.engage, tally.engage_label, tally.engage_user)[0]
+    return row
 
 
 def run_offline(checkpoint, dataset, specs: list[str], *, events_per_request: int = 10,
                 max_users: int | None = None, max_requests_per_user: int | None = None, negatives: int = 100,
                 seed: int = 0, min_prefix: int = 1, exclude_seen: bool | None = None, progress: bool = True,
-                calibration_users: int = 64) -> list[dict]:
+                calibration_users: int = 64, rank_candidates: int = 100) -> list[dict]:
     """Replay `dataset` (a models.data.Dataset, or a list of StreamUser) under each spec; one row per spec.
 
-    `checkpoint` is a models.checkpoint.Checkpoint; `svd` bases are fitted on the users' prefixes (the
-    state the model was trained to build) and saved beside it when missing.
+    `checkpoint` is a models.checkpoint.Checkpoint; policies that calibrate get the first users' prefixes
+    (the state the model was trained to build). With a ranking head, each
+    request ranks the next item among `rank_candidates` sampled ones (0: no ranking); engagement labels come
+    from the actions the checkpoint's training recorded as engagement.
     """
     from kvrec.models.data import stream_split
     from kvrec.models.evaluate import has_repeats
@@ -171,26 +262,24 @@ def run_offline(checkpoint, dataset, specs: list[str], *, events_per_request: in
     context = PolicyContext(model, checkpoint.path, [s.prefix for s in streams[:calibration_users]])
     pipelines = {spec: parse_policy(spec, context) for spec in dict.fromkeys([REFERENCE, *specs])}
     steps = {spec: ServingStep(model, pipeline, checkpoint.fingerprint) for spec, pipeline in pipelines.items()}
+    ranks = model.rank_head is not None and rank_candidates > 0
+    engaged = frozenset(checkpoint.info.get("engagement_actions", ()))
     tallies = {spec: Tally() for spec in pipelines}
     bar = tqdm(total=len(streams) * len(pipelines), desc="bench offline", unit="replay", disable=not progress,
                mininterval=2.0)
     for user in streams:
         gen = torch.Generator().manual_seed(seed * 1_000_003 + user.user_index)
         requests = user_requests(user.prefix, user.future, events_per_request, max_requests_per_user,
-                                 num_items, negatives, exclude_seen, gen)
+                                 num_items, negatives, exclude_seen, gen, rank_candidates if ranks else 0, engaged,
+                                 torch.Generator().manual_seed((seed * 1_000_003 + user.user_index) * 2 + 1))
         reference = None
         for spec in pipelines:
             bar.set_postfix_str(spec[:40], refresh=False)
-            scores = replay_user(steps[spec], user.prefix, requests, tallies[spec], reference)
+            scores = replay_user(steps[spec], user.prefix, requests, tallies[spec], reference, user.user_index)
             if spec == REFERENCE:
                 reference = scores
             bar.update()
     bar.close()
     full_bytes = float(np.mean(tallies[REFERENCE].final_bytes))
-    return [summarize(pipelines[spec].spec, tallies[spec], full_bytes, len(streams))
-            for spec in pipelines if spec in specs]
-
-
-def relative_loss(row: dict, full: dict, metric: str = "ndcg@10") -> float:
-    """1 - metric / full's metric (0 = no loss); NaN when full scores 0."""
-    return 1.0 - row[metric] / full[metric] if full[metric] else math.nan
+    return [{**summarize(pipelines[spec].spec, tallies[spec], full_bytes, len(streams)),
+             **versus_full(tallies[spec], tallies[REFERENCE])} for spec in pipelines if spec in specs]

@@ -6,7 +6,8 @@ serve`, `sweep`): the default list, its parser and the check of each spec agains
 
 from __future__ import annotations
 
-from kvrec.models.cli import UsageError, fraction, positive_int
+from kvrec.models.cli import UsageError, at_least, fraction, positive_int
+from kvrec.models.data_cli import add_layout_arguments
 
 DEFAULT_POLICIES = "full;int8;kivi:bits=2;h2o:budget=256;recompute"
 
@@ -50,6 +51,7 @@ def register_bench(bench_sub) -> None:
                     "`--policies list` prints every policy with its parameters and needs nothing else.")
     p.add_argument("--model", help="model checkpoint from `kvrec train` (required)")
     p.add_argument("--dataset", help="dataset name, path or synth spec, as `kvrec train` (required)")
+    add_layout_arguments(p)
     p.add_argument("--policies", required=True,
                    help='";"-separated policy specs, e.g. "full;recompute;h2o:budget=256+int8"; '
                         '"list" prints every policy with its parameters')
@@ -63,6 +65,9 @@ def register_bench(bench_sub) -> None:
                    help="sampled negatives per request (GAUC, Recall@10)")
     p.add_argument("--fraction", type=fraction, default=0.5,
                    help="share of each history pre-loaded as the prefix, 0..1")
+    p.add_argument("--candidates", type=at_least(0), default=100,
+                   help="with a ranking head: rank the next item among this many sampled candidates over the "
+                        "state each policy left (0: no ranking)")
     p.add_argument("--seed", type=int, default=0, help="seed of the negative sampling")
     p.add_argument("--threads", type=positive_int, default=None,
                    help="torch intra-op threads (default: torch's choice)")
@@ -88,14 +93,14 @@ def offline(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     checkpoint = load_checkpoint(args.model)
-    dataset = load_dataset(args.dataset)
+    dataset = load_dataset(args.dataset, format=args.format, columns=args.columns)
     streams = stream_split(dataset, fraction=args.fraction, min_future=args.events_per_request + 1)
     if not streams:
         raise UsageError(f"{dataset.name}: no user has {args.events_per_request + 1} events after the prefix; "
                          "lower --events-per-request or --fraction")
     rows = run_offline(checkpoint, streams, specs, events_per_request=args.events_per_request,
                        max_users=args.max_users, max_requests_per_user=args.max_requests_per_user,
-                       negatives=args.negatives, seed=args.seed)
+                       negatives=args.negatives, seed=args.seed, rank_candidates=args.candidates)
     title = (f"{checkpoint.config.kind} on {args.dataset}: {rows[0]['users']} users, "
              f"{args.events_per_request} events/request")
     out = write_results(rows, args.out, title)

@@ -28,18 +28,25 @@ import math
 import struct
 import warnings
 
+import numpy as np
 import torch
 import xxhash
+from kvrec.compression.base import READ
 from kvrec.compression.pipeline import Pipeline
 from kvrec.models.state import LayerState, State
 from torch import Tensor
 
 MAGIC = b"KVRS"
-VERSION = 3  # 3: any state kind (typed header with per-layer shapes); 2 held K/V only
+VERSION = 4  # 4: fp16 scales, sequences, KIVI runs; 3: any state kind; 2 held K/V only (older: rebuilt)
 PREFIX = struct.Struct("<4sHHIIQ")  # magic, version, reserved, header length, reserved, xxh3-64
 DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16, "f8": torch.float8_e4m3fn,
           "u8": torch.uint8, "i8": torch.int8, "i16": torch.int16, "i32": torch.int32, "i64": torch.int64}
 CODES = {dtype: code for code, dtype in DTYPES.items()}
+# numpy's name for each dtype it has: their bytes are read and written through numpy (one call per tensor,
+# where torch's frombuffer/view/view take three); bf16 and fp8 go through uint8
+NUMPY = {torch.float32: np.float32, torch.float16: np.float16, torch.uint8: np.uint8, torch.int8: np.int8,
+         torch.int16: np.int16, torch.int32: np.int32, torch.int64: np.int64}
+DELTA_TYPES = (torch.int8, torch.int16, torch.int32, torch.int64)
 
 
 class BlobError(ValueError):
@@ -56,14 +63,47 @@ class ForeignBlobError(BlobError):
 
 def encode_state(state: State, pipeline: Pipeline, model_fingerprint: str) -> bytes:
     """Serialize `state` as stored under `pipeline` (its storage stage decides the K/V encoding)."""
+    return encode(state, pipeline, model_fingerprint)[0]
+
+
+def encode_restored(state: State, pipeline: Pipeline, model_fingerprint: str) -> tuple[bytes, State]:
+    """`encode_state`'s blob and the state that decoding it gives back (equal tensor for tensor), from
+    what encoding computed rather than by reading the blob: a server that keeps the decoding of each
+    blob it writes (a hot tier of decoded states) saves a decode per request, and under KIVI, which
+    re-emits untouched tokens as stored, most of the dequantization (`Storage.restore`)."""
+    blob, parts = encode(state, pipeline, model_fingerprint)
+    storage = pipeline.storage
+    dense = storage.restore(state, parts)
+    layers = [LayerState({n: tensors[n] for n in part.tokens}, part.pos.long(), part.ts.long(), part.weight.float(),
+                         {n: tensors[n] for n in part.fixed}) for part, tensors in zip(state.layers, dense)]
+    extras = {name: [t.float() for t in per_layer] for name, per_layer in sorted(state.extras.items())
+              if name not in storage.carries}
+    for name in storage.carries:
+        extras[name] = ([read_tag(part) for part in layers] if name == READ else [d[name] for d in dense])
+    hidden = None if state.last_hidden is None else state.last_hidden.float()
+    return blob, State(state.kind, layers, hidden, state.events_consumed, extras)
+
+
+def read_tag(part: LayerState) -> Tensor:
+    """READ of a layer as read: [2, T] float64, each token's position + 1 and weight."""
+    return torch.stack([(part.pos + 1).double(), part.weight.double()])
+
+
+def encode(state: State, pipeline: Pipeline, model_fingerprint: str) -> tuple[bytes, dict[str, Tensor]]:
+    """The blob, and the storage's parts in it."""
     if not pipeline.keeps_state:
         raise ValueError(f"policy {pipeline.spec!r} keeps no state to encode")
-    tensors = dict(pipeline.storage.pack(state))
-    for name, per_layer in metadata(state).items():
-        if all(torch.equal(per_layer[0], t) for t in per_layer[1:]):
-            tensors[name] = per_layer[0]
-        else:
-            tensors.update({f"{name}.{layer}": t for layer, t in enumerate(per_layer)})
+    parts = dict(pipeline.storage.pack(state))
+    tensors = dict(parts)
+    seq = {}
+    for name, per_layer in metadata(state, pipeline.storage.carries).items():
+        named = ({name: per_layer[0]} if all(torch.equal(per_layer[0], t) for t in per_layer[1:])
+                 else {f"{name}.{layer}": t for layer, t in enumerate(per_layer)})
+        for key, t in named.items():
+            if name in SEQUENCES:
+                seq[key], t = sequence(t)
+            if t is not None:
+                tensors[key] = t
     if state.last_hidden is not None:
         tensors["h"] = state.last_hidden.float()
     order = sorted(tensors, key=lambda n: -tensors[n].element_size())  # stable: aligned payload
@@ -71,26 +111,61 @@ def encode_state(state: State, pipeline: Pipeline, model_fingerprint: str) -> by
                "f": {n: list(t.shape) for n, t in part.fixed.items()}} for part in state.layers]
     header = json.dumps({
         "model": model_fingerprint, "policy": pipeline.spec, "events": state.events_consumed,
-        "kind": state.kind, "layers": layers,
+        "kind": state.kind, "layers": layers, "seq": seq,
         "tensors": " ".join(f"{n}:{CODES[tensors[n].dtype]}:{'x'.join(map(str, tensors[n].shape))}" for n in order),
     }, separators=(",", ":")).encode()
     header += b" " * (-len(header) % 8)
     # views of the tensors' bytes: the one copy is the final join
-    body = [header] + [tensors[n].detach().contiguous().view(-1).view(torch.uint8).numpy() for n in order]
+    body = [header] + [raw_bytes(tensors[n]) for n in order]
     checksum = xxhash.xxh3_64()
-    for part in body:
-        checksum.update(part)
-    return b"".join([PREFIX.pack(MAGIC, VERSION, 0, len(header), 0, checksum.intdigest())] + body)
+    for piece in body:
+        checksum.update(piece)
+    return b"".join([PREFIX.pack(MAGIC, VERSION, 0, len(header), 0, checksum.intdigest())] + body), parts
 
 
-def metadata(state: State) -> dict[str, list[Tensor]]:
+SEQUENCES = ("pos", "ts")
+
+
+def raw_bytes(t: Tensor) -> np.ndarray:
+    """The bytes of a CPU tensor in row-major order, as a numpy view (a copy only when not contiguous)."""
+    t = t if t.is_contiguous() else t.contiguous()
+    t = t.detach() if t.requires_grad else t
+    return (t if t.dtype in NUMPY else t.view(torch.uint8)).numpy().reshape(-1).view(np.uint8)
+
+
+def metadata(state: State, carried: tuple[str, ...]) -> dict[str, list[Tensor]]:
+    """Per layer: positions and times (int64), weights unless all ones, and every extra not `carried`."""
     if not state.token_names():
         return {}
-    meta = {"pos": [p.int() for p in state.pos], "ts": list(state.ts)}
+    meta = {"pos": list(state.pos), "ts": list(state.ts)}
     if not all(bool((w == 1).all()) for w in state.weight):
         meta["w"] = [w.float() for w in state.weight]
-    meta.update({f"x.{name}": [t.float() for t in per_layer] for name, per_layer in state.extras.items()})
+    meta.update({f"x.{name}": [t.float() for t in per_layer] for name, per_layer in state.extras.items()
+                 if name not in carried})
     return meta
+
+
+def sequence(x: Tensor) -> tuple[list[int | None], Tensor | None]:
+    """A position or time sequence x [T] -> ([first, stride], None) when x[i] = first + stride * i
+    (nothing stored but the header's two numbers), else ([first, None], deltas [T - 1] in the narrowest
+    of int8/16/32/64 that holds them: times a minute apart take a byte)."""
+    x = x.long()
+    if len(x) == 0:
+        return [0, 0], None
+    deltas = torch.diff(x)
+    if len(deltas) == 0 or bool((deltas == deltas[0]).all()):
+        return [int(x[0]), int(deltas[0]) if len(deltas) else 0], None
+    lo, hi = int(deltas.min()), int(deltas.max())
+    dtype = next(t for t in DELTA_TYPES if torch.iinfo(t).min <= lo and hi <= torch.iinfo(t).max)
+    return [int(x[0]), None], deltas.to(dtype)
+
+
+def unsequence(entry: list, deltas: Tensor | None, tokens: int) -> Tensor:
+    """Inverse of `sequence`: the [T] int64 sequence from its header entry (and deltas)."""
+    first, stride = int(entry[0]), entry[1]
+    if stride is not None:
+        return first + int(stride) * torch.arange(tokens)
+    return torch.cat([torch.tensor([first]), first + deltas.long().cumsum(0)])
 
 
 def read_header(blob: bytes) -> tuple[dict, int]:
@@ -107,9 +182,12 @@ def read_header(blob: bytes) -> tuple[dict, int]:
     if xxhash.xxh3_64_intdigest(memoryview(blob)[PREFIX.size:]) != checksum:
         raise CorruptBlobError("blob checksum mismatch (truncated or corrupted)")
     try:
-        return json.loads(bytes(memoryview(blob)[PREFIX.size:PREFIX.size + header_len])), PREFIX.size + header_len
+        header = json.loads(bytes(memoryview(blob)[PREFIX.size:PREFIX.size + header_len]))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise CorruptBlobError(f"unreadable blob header: {exc}") from exc
+    if not isinstance(header, dict):
+        raise CorruptBlobError(f"blob header is a JSON {type(header).__name__}, not an object")
+    return header, PREFIX.size + header_len
 
 
 def decode_state(blob: bytes, pipeline: Pipeline, model_fingerprint: str) -> State:
@@ -123,30 +201,35 @@ def decode_state(blob: bytes, pipeline: Pipeline, model_fingerprint: str) -> Sta
         tensors = views(blob, payload, header["tensors"])
         layers = header["layers"]
         shapes = [{**layer["t"], **layer["f"]} for layer in layers]
-        dense = pipeline.storage.unpack({n: t for n, t in tensors.items() if n[0].isdigit()}, shapes)
+        storage = pipeline.storage
+        dense = storage.unpack({n: t for n, t in tensors.items() if n[0].isdigit()}, shapes)
         tokens = [next(iter(layer["t"].values()))[1] if layer["t"] else 0 for layer in layers]
         has_tokens = any(layer["t"] for layer in layers)
+        seq = header["seq"]
 
         def per_layer(name: str, default) -> list[Tensor]:
-            if name in tensors:
-                return [tensors[name]] * len(layers)
-            if f"{name}.0" in tensors:
-                return [tensors[f"{name}.{layer}"] for layer in range(len(layers))]
+            if name in tensors or name in seq:
+                return [read(name, t) for t in tokens]
+            if f"{name}.0" in tensors or f"{name}.0" in seq:
+                return [read(f"{name}.{layer}", t) for layer, t in enumerate(tokens)]
             return [default(t) for t in tokens]
+
+        def read(key: str, t: int) -> Tensor:
+            return unsequence(seq[key], tensors.get(key), t) if key.split(".")[0] in SEQUENCES else tensors[key]
 
         empty = lambda t: torch.zeros(t, dtype=torch.long)
         pos, ts = per_layer("pos", empty), per_layer("ts", empty)
         weight = per_layer("w", lambda t: torch.ones(t))
-        parts = [LayerState({n: tensors_of[n] for n in layer["t"]}, p.long(), t, w,
-                            {n: tensors_of[n] for n in layer["f"]})
+        parts = [LayerState({n: tensors_of[n] for n in layer["t"]}, p, t, w, {n: tensors_of[n] for n in layer["f"]})
                  for layer, tensors_of, p, t, w in zip(layers, dense, pos, ts, weight)]
         if has_tokens and any(part.num_tokens != t or len(part.ts) != t for part, t in zip(parts, tokens)):
             raise ValueError("token metadata does not match the token tensors")
-        extras = sorted({n.split(".")[1] for n in tensors if n.startswith("x.")})
-        return State(
-            kind=header["kind"], layers=parts, last_hidden=tensors.get("h"), events_consumed=int(header["events"]),
-            extras={name: per_layer(f"x.{name}", None) for name in extras},
-        )
+        extras = {name: per_layer(f"x.{name}", None) for name in sorted({n.split(".")[1] for n in tensors
+                                                                           if n.startswith("x.")})}
+        for name in storage.carries:  # the storage's own record, and READ as this blob was read
+            extras[name] = [read_tag(part) for part in parts] if name == READ else [d.pop(name) for d in dense]
+        return State(kind=header["kind"], layers=parts, last_hidden=tensors.get("h"),
+                     events_consumed=int(header["events"]), extras=extras)
     except (KeyError, ValueError, RuntimeError, TypeError, IndexError, AttributeError, StopIteration) as exc:
         raise CorruptBlobError(f"blob does not match its header: {exc}") from exc
 
@@ -163,9 +246,10 @@ def views(blob: bytes, offset: int, table: str) -> dict[str, Tensor]:
             nbytes = math.prod(shape) * dtype.itemsize
             if offset + nbytes > len(blob):
                 raise ValueError(f"tensor {name} runs past the end of the blob")
-            raw = (torch.frombuffer(blob, dtype=torch.uint8, count=nbytes, offset=offset) if nbytes
-                   else torch.zeros(0, dtype=torch.uint8))
-            out[name] = raw.view(dtype).view(shape)
+            if dtype in NUMPY:
+                out[name] = torch.from_numpy(np.frombuffer(blob, NUMPY[dtype], math.prod(shape), offset).reshape(shape))
+            else:
+                out[name] = torch.from_numpy(np.frombuffer(blob, np.uint8, nbytes, offset)).view(dtype).view(shape)
             offset += nbytes
     if offset != len(blob):
         raise ValueError(f"{len(blob) - offset} bytes after the last tensor")

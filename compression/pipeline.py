@@ -58,7 +58,8 @@ def accumulate_attention(state: State, stats: AttentionStats | None) -> None:
     """state.extras["acc"][l] [H, T_l] += attention each token received in this call (when aligned)."""
     acc = state.extras.get("acc")
     if acc is None:
-        acc = [torch.zeros(next(iter(part.tokens.values())).shape[0], part.num_tokens) for part in state.layers]
+        acc = [torch.zeros(next(iter(part.tokens.values())).shape[0], part.num_tokens, device=part.pos.device)
+               for part in state.layers]
     for layer in range(state.num_layers):
         if stats is not None and stats.received[layer].shape == acc[layer].shape:
             acc[layer] = acc[layer] + stats.received[layer].float()

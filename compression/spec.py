@@ -38,6 +38,7 @@ def parse_policy(spec: str, context: PolicyContext | None = None) -> Pipeline:
             f"one storage policy ({names_of('storage')})")
     pipeline = Pipeline(token=tokens[0] if tokens else None,
                         storage=storages[0] if storages else all_policies()["full"]())
+    pipeline.storage.check_token_stage(pipeline.token)
     if context is not None and context.model is not None:
         check_applies(pipeline, context.model.empty_state())
     for stage in pipeline.stages:

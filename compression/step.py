@@ -7,6 +7,7 @@ numbers are the service's numbers. A request is, in order:
          or step.start(position)           # nothing usable: an empty state whose next event is `position`
     out = step.advance(state, events)      # extend in chunks -> policy.compress -> encode (when it keeps state)
     step.scores(out.hidden, candidates)    # retrieval scores of the catalogue or of given candidates
+    step.rank(out.state, candidates, ts)   # or, with a ranking head, candidates as target tokens
 
 Under `recompute` nothing is stored: the caller hands `advance` the whole history on an empty state.
 """
@@ -92,3 +93,13 @@ class ServingStep:
             hidden = torch.zeros(self.model.cfg.dim, device=self.device)
         cand = None if candidates is None else candidates.to(self.device)[None]
         return self.model.score(hidden[None], cand)[0]
+
+    @property
+    def ranks(self) -> bool:
+        """Whether the model has a target-aware ranking head (else candidates are scored by retrieval)."""
+        return self.model.rank_head is not None
+
+    def rank(self, state: State, candidates: Tensor, ts: int, batch: int = 256) -> tuple[Tensor, Tensor]:
+        """Candidates [C] (internal ids) as target tokens over `state` (compressed as the policy left it),
+        at time `ts` (the user's latest event's) -> relevance logits [C], engagement probabilities [C]."""
+        return self.model.rank(state, candidates, ts, batch)

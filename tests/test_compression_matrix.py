@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from kvrec.compression import PolicyContext, all_policies, decode_state, encode_state, parse_policy
@@ -10,22 +12,54 @@ from kvrec.models.registry import build_model
 from kvrec.models.state import Events
 
 BUDGET = 24
+D = 8  # channels per head of the tiny model
 # every registered policy at a budget below the 60-event history (storage policies need no budget)
 SPECS = {
     "full": "full", "recompute": "recompute", "fp16": "fp16", "bf16": "bf16", "fp8": "fp8", "int8": "int8",
     "int4": "int4:group=4", "kivi": "kivi:bits=2,residual=8,group=8", "intact": "intact:sink=2,pivots=4,bits=4",
-    "svd": "svd:rank=6", "think": "think:keep=0.5", "minicache": "minicache:threshold=0.5",
+    "svd": "svd:rank=16", "think": "think:keep=0.5", "minicache": "minicache:threshold=0.5,start=0",
     "window": f"window:budget={BUDGET}", "streaming": f"streaming:sink=4,window={BUDGET - 4}",
-    "h2o": f"h2o:budget={BUDGET},recent=8", "snapkv": f"snapkv:budget={BUDGET},window=8,kernel=3",
-    "knorm": f"knorm:budget={BUDGET}", "random": f"random:budget={BUDGET}",
+    "h2o": f"h2o:budget={BUDGET},recent=8", "tova": f"tova:budget={BUDGET}",
+    "snapkv": f"snapkv:budget={BUDGET},window=8,kernel=3", "pyramid": f"pyramid:budget={BUDGET},window=8,beta=4",
+    "ada": f"ada:budget={BUDGET},window=8", "knorm": f"knorm:budget={BUDGET}", "random": f"random:budget={BUDGET}",
     "merge": f"merge:budget={BUDGET},recent=8", "pool": f"pool:budget={BUDGET},window=8,chunk=4",
 }
-LOSSLESS = {"full", "window", "streaming", "h2o", "snapkv", "knorm", "random", "merge", "pool"}  # token policies
+LOSSLESS = {"full", "window", "streaming", "h2o", "tova", "snapkv", "pyramid", "ada", "knorm", "random", "merge",
+            "pool"}  # token policies
+# The most relative error (||decoded - x|| / ||x||) each lossy storage may make on keys and on values,
+# from how it encodes, for each row (one token of one head), or, in KEYS_PER_HEAD, for a head's keys
+# together (groups that run across tokens); a correct encoder is always within it, a wrong one (a
+# scale per tensor, a basis after the rotary step, the weakest channels, directions shared between
+# unlike tokens) is not.
+ERROR_BOUND = {
+    # elementwise relative rounding of the float format: 10, 7 and 3 fraction bits
+    "fp16": (2**-11, 2**-11), "bf16": (2**-8, 2**-8), "fp8": (2**-4, 2**-4),
+    # symmetric 8 bits per row with an fp32 scale: each element within absmax/254 and a row's norm is
+    # at least its absmax, so a row of d errs by at most sqrt(d)/254
+    "int8": (math.sqrt(D) / 254, math.sqrt(D) / 254),
+    # asymmetric 4 bits per group of 4 (fp16 scale and zero): within range/30 <= absmax/15 of each group
+    "int4": (2 / 15 * 1.01, 2 / 15 * 1.01),
+    # min/max to `bits` over a group of n: every element within range / (2 (2^bits - 1)) of its value,
+    # the min and max exact (zero rounded down, scale up in fp16) and the group's norm at least
+    # range / sqrt(2), so the group errs by at most sqrt((n - 2) / 2) / (2^bits - 1) of its norm. KIVI:
+    # 2 bits per channel over groups of 8 tokens (keys, checked per head) and per row of 8 (values)
+    "kivi": (math.sqrt((8 - 2) / 2) / 3 * 1.01, math.sqrt((D - 2) / 2) / 3 * 1.01),
+    "intact": (math.sqrt((D - 2) / 2) / 15 * 1.01, math.sqrt((D - 2) / 2) / 15 * 1.01),  # 4 bits per row (group = d)
+    # rank 16 is the projections' full rank (heads x d = dim = 16): Palu's latent loses nothing
+    "svd": (1e-5, 1e-5),
+    # the kept half of each head's channels holds at least half of its keys' energy; values untouched
+    "think": (math.sqrt(1 - 0.5), 0.0),
+    # a merged (head, token) vector is rebuilt along the midpoint of two directions at most
+    # arccos(threshold) apart: off by 2 sin(arccos(threshold) / 4) of its norm; the rest retained
+    "minicache": (2 * math.sin(math.acos(0.5) / 4), 2 * math.sin(math.acos(0.5) / 4)),
+}
+KEYS_PER_HEAD = {"kivi", "think"}
 FP = "tiny-model"
 
 
 def test_matrix_covers_every_policy():
     assert set(SPECS) == set(all_policies())
+    assert set(ERROR_BOUND) | LOSSLESS == set(SPECS) - {"recompute"}
 
 
 def tiny(kind: str):
@@ -64,17 +98,19 @@ def test_policy_contract(name, model, context):
     assert parse_policy(pipeline.spec, context) == pipeline
     state, _, stats = model.prefill(events(60, 1))
     state = pipeline.compress(state, stats)
-    if pipeline.token is not None:  # budget held
-        assert all(state.tokens(layer) <= BUDGET for layer in range(state.num_layers))
+    budget_held(pipeline, state)
     blob = encode_state(state, pipeline, FP)
     decoded = decode_state(blob, pipeline, FP)
     assert finite(state) and finite(decoded)
     assert [t.tolist() for t in decoded.pos] == [t.tolist() for t in state.pos]
-    for a, b in zip([*state.k, *state.v], [*decoded.k, *decoded.v]):
-        if name in LOSSLESS:
-            assert torch.equal(a, b)
-        else:
-            assert (a - b).norm() < a.norm()  # lossy, but closer than nothing
+    for kind, bound in enumerate(ERROR_BOUND.get(name, (0.0, 0.0))):
+        for a, b in zip(*((state.k, state.v)[kind], (decoded.k, decoded.v)[kind])):  # [H, T, d]
+            if name in LOSSLESS:
+                assert torch.equal(a, b)
+            else:
+                dims = (1, 2) if kind == 0 and name in KEYS_PER_HEAD else (2,)
+                error, norm = (a - b).norm(dim=dims), a.norm(dim=dims)
+                assert (error <= bound * norm + 1e-6).all(), ("kv"[kind], float((error / norm).max()))
     # re-encoding what was decoded is a fixed point
     again = decode_state(encode_state(decoded, pipeline, FP), pipeline, FP)
     for a, b in zip([*decoded.k, *decoded.v], [*again.k, *again.v]):
@@ -86,8 +122,17 @@ def test_policy_contract(name, model, context):
         state = pipeline.compress(state, stats)
         decoded = decode_state(encode_state(state, pipeline, FP), pipeline, FP)
         assert finite(decoded) and decoded.events_consumed == 60 + 7 * (request + 1)
-        if pipeline.token is not None:
-            assert all(decoded.tokens(layer) <= BUDGET for layer in range(decoded.num_layers))
+        budget_held(pipeline, decoded)
+
+
+def budget_held(pipeline, state) -> None:
+    """Every layer within its own budget, and all layers together within layers x BUDGET (`pyramid`
+    gives lower layers more than BUDGET and upper layers less)."""
+    if pipeline.token is None:
+        return
+    budgets = pipeline.token.budgets(state, pipeline.storage)
+    assert all(state.tokens(layer) <= budget for layer, budget in enumerate(budgets))
+    assert sum(budgets) <= BUDGET * state.num_layers
 
 
 @pytest.mark.parametrize("name", sorted(LOSSLESS - {"full"}))
@@ -99,7 +144,8 @@ def test_token_policy_leaves_short_history_whole(name, model):
         assert all(torch.equal(a, b) for a, b in zip(getattr(state, field), getattr(out, field))), field
 
 
-@pytest.mark.parametrize("name", ["window", "h2o", "snapkv", "knorm", "random", "merge", "pool"])
+@pytest.mark.parametrize("name", ["window", "h2o", "tova", "snapkv", "pyramid", "ada", "knorm", "random", "merge",
+                                  "pool"])
 @pytest.mark.parametrize("storage", ["", "+int8", "+kivi:bits=2,residual=8,group=8"])
 def test_byte_budget_is_never_exceeded(name, storage, hstu):
     model = hstu

@@ -36,7 +36,7 @@ def test_keeps_state():
 
 
 @pytest.mark.parametrize("spec, needle", [
-    ("nope", "policies: bf16, fp16"),
+    ("nope", "policies: ada, bf16, fp16"),
     ("h2o:budgt=3", "valid: budget (int"),
     ("h2o:budget=abc", "budget must be int"),
     ("h2o:budget=0", "budget must be >= 1"),
@@ -61,3 +61,9 @@ def test_a_bad_parameter_lists_the_defaults_a_bare_spec_gets():
     with pytest.raises(PolicyError) as info:
         parse_policy("h2o:buget=10")
     assert "budget (int, default 256)" in str(info.value) and "recent (int, default 64)" in str(info.value)
+
+
+def test_kivi_refuses_a_budget_that_leaves_nothing_to_quantize():
+    """StreamingLLM's 32 tokens under a 32-token residual: KIVI would store every kept token exact."""
+    with pytest.raises(PolicyError, match="nothing would ever be quantized"):
+        parse_policy("streaming:sink=4,window=28+kivi:bits=2,residual=32")

@@ -1,4 +1,4 @@
-"""Token level, merging: evicted tokens are folded into kept ones instead of being dropped.
+"""Token level, merging: evicted tokens are folded into kept ones instead of being (all) dropped.
 
 A merged token stands for `weight` events: its K and V are the weight-averaged K and V of what it absorbed
 and the model multiplies its attention by the weight (HSTU) or adds log(weight) to its logit (SASRec), so
@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from kvrec.compression.registry import register
-from kvrec.compression.selection import TokenPolicy, recent_plus_top
+from kvrec.compression.selection import TokenPolicy, heavy_hitter_score, recent_plus_top
 from kvrec.models.state import AttentionStats, State
 from torch import Tensor
 
@@ -26,24 +26,31 @@ def fold(state: State, layer: int, group: Tensor, groups: int) -> None:
     """
     part = state.layers[layer]
     w = part.weight  # [T]
-    total = torch.zeros(groups).index_add_(0, group, w)  # [G]
-    mean = lambda x: torch.zeros(x.shape[0], groups, x.shape[2]).index_add_(1, group, x * w[None, :, None]) / (
+    total = w.new_zeros(groups).index_add_(0, group, w)  # [G]
+    mean = lambda x: x.new_zeros(x.shape[0], groups, x.shape[2]).index_add_(1, group, x * w[None, :, None]) / (
         total[None, :, None])  # [G_heads, T, d] -> [G_heads, groups, d]
     part.tokens = {name: mean(x) for name, x in part.tokens.items()}
     part.weight = total
     for per_layer in state.extras.values():
         x = per_layer[layer]  # [..., T]
-        per_layer[layer] = torch.zeros(*x.shape[:-1], groups).index_add_(x.dim() - 1, group, x)
+        per_layer[layer] = x.new_zeros(*x.shape[:-1], groups).index_add_(x.dim() - 1, group, x)
 
 
 @register
 @dataclass
 class Merge(TokenPolicy):
-    """CaM (Zhang et al., ICML 2024, "CaM: Cache Merging for Memory-efficient LLMs Inference") and D2O
-    (Wan et al., 2024, "D2O: Dynamic Discriminative Operations for Efficient Generative Inference"):
-    choose survivors as H2O does (`recent` newest plus the highest accumulated attention), then merge
-    every evicted token into the survivor whose key is most similar (cosine over the concatenated heads)
-    instead of dropping it. The total weight, the number of events the state stands for, is preserved."""
+    """D2O's token merging (Wan et al., 2024, "D2O: Dynamic Discriminative Operations for Efficient
+    Generative Inference") with a fixed threshold: choose survivors as H2O does (`recent` newest plus
+    the heavy hitters of `selection.heavy_hitter_score`), then fold each evicted token into the survivor
+    whose key is most similar (cosine over the concatenated heads) when that similarity reaches
+    `threshold`, and drop it otherwise, so that a token unlike every survivor does not blur one.
+
+    Deliberate differences: D2O's threshold is an exponential moving average of past similarities and
+    its merge weights a softmax of similarity; here the threshold is fixed (a state carries no scalar
+    from request to request) and a merged token is the multiplicity-weighted mean of its members, which
+    the model counts `weight` times (see the module docstring), so the number of events the state stands
+    for is preserved for what is merged. D2O's layer-level budget allocation is left to `pyramid` and
+    `ada`. `threshold=-1` merges every evicted token (CaM's and D2O's merge without the discrimination)."""
 
     name = "merge"
     requires = ("tokens", "k")
@@ -51,26 +58,35 @@ class Merge(TokenPolicy):
     budget: int | None = None
     bytes: int | None = None
     recent: int = 64
+    threshold: float = 0.5
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.check(-1.0 <= self.threshold <= 1.0, f"threshold must be in [-1, 1], got {self.threshold}")
 
     def reduce_layer(self, state: State, stats: AttentionStats | None, layer: int, budget: int) -> None:
         t = state.tokens(layer)
-        kept = recent_plus_top(state.extras["acc"][layer].sum(0), budget, self.recent)  # [B] ascending
+        kept = recent_plus_top(heavy_hitter_score(state, layer), budget, self.recent)  # [B] ascending
         keys = F.normalize(state.k[layer].transpose(0, 1).reshape(t, -1), dim=-1)  # [T, H*d_k]
-        nearest = (keys @ keys[kept].T).argmax(1)  # [T] index into kept
-        nearest[kept] = torch.arange(len(kept))  # a survivor stays its own group
+        similarity, nearest = (keys @ keys[kept].T).max(1)  # [T] each: best cosine, index into kept
+        nearest[kept] = torch.arange(len(kept), device=kept.device)  # a survivor stays its own group
+        joins = similarity >= self.threshold  # [T]
+        joins[kept] = True
         pos, ts = state.pos[layer][kept], state.ts[layer][kept]
-        fold(state, layer, nearest, len(kept))
+        state.select(layer, joins.nonzero()[:, 0])  # the dissimilar evicted tokens are dropped
+        fold(state, layer, nearest[joins], len(kept))
         state.pos[layer], state.ts[layer] = pos, ts
 
 
 @register
 @dataclass
 class Pool(TokenPolicy):
-    """A training-free activation beacon (after Zhang et al., 2024, "Long Context Compression with
-    Activation Beacon"): the last `window` tokens stay exact and older history is averaged into one
-    summary token per `chunk` positions (chunk = pos // chunk, so a summary absorbs late members of its
-    chunk and is otherwise stable across requests). When the summaries still exceed the budget, the
-    oldest chunks are folded into a single token. Summary pos and ts are weight-averaged."""
+    """Chunk means: the last `window` tokens stay exact and older history is averaged into one summary
+    token per `chunk` positions (chunk = pos // chunk, so a summary absorbs late members of its chunk and
+    is otherwise stable across requests). When the summaries still exceed the budget, the oldest chunks
+    are folded into a single token. Summary pos and ts are weight-averaged. Activation Beacon (Zhang et
+    al., 2024, "Long Context Compression with Activation Beacon") condenses old context into learned
+    beacon tokens; this is the training-free mean, not the beacon."""
 
     name = "pool"
     budget: int | None = None
