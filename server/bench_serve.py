@@ -5,10 +5,11 @@ It drives the service's own `RankingPipeline` in process against a real Redis (`
 timed (append, load, decode, extend, compress, encode, store, score) without HTTP in the way. Each cell
 warms a few users to the history length with `PUT /users/{id}/history`'s code path, then times requests
 that each add one new event and ask for a top-10 over the whole catalogue, the steady state of a live
-service. The table shows the mean and the p99 (kvrec.models.metrics.percentile, as /metrics and the
-sweep report compute it), the speed-up over `recompute` at the same length, the codec's (decode +
-encode) share of service time, and the stored blob against the raw fp32 state of the whole history
-(`State.dense_bytes`).
+service (with the hot tier, as the service runs by default, those requests find their user held;
+`--hot-tier-bytes 0` times them through Redis's blob instead). The table shows the mean and the p99
+(kvrec.models.metrics.percentile, as /metrics and the sweep report compute it), the speed-up over
+`recompute` at the same length, the codec's (decode + encode) share of service time, and the stored
+blob against the raw fp32 state of the whole history (`State.dense_bytes`).
 """
 
 from __future__ import annotations
@@ -22,10 +23,8 @@ import time
 import uuid
 
 import torch
-from kvrec.models.checkpoint import Checkpoint, load_checkpoint, model_fingerprint
+from kvrec.models.checkpoint import UNTRAINED_ITEMS, Checkpoint, load_checkpoint, untrained_checkpoint
 from kvrec.models.metrics import percentile
-from kvrec.models.recommender import ModelConfig
-from kvrec.models.registry import build_model
 from kvrec.server.embedded_redis import EmbeddedRedis
 from kvrec.server.engine import Engine
 from kvrec.server.metrics import STAGES
@@ -35,7 +34,6 @@ from kvrec.server.settings import Settings, resolve_redis_url
 from kvrec.server.store import RedisStore
 
 USERS_PER_CELL = 3
-UNTRAINED_ITEMS = 10_000
 
 
 def main(args: argparse.Namespace) -> int:
@@ -55,13 +53,16 @@ def main(args: argparse.Namespace) -> int:
         if redis_url is None:
             embedded = EmbeddedRedis().start()
             redis_url = embedded.url
-        rows = asyncio.run(run(checkpoint, args.lengths, args.policies, redis_url, args.requests, args.seconds))
+        rows = asyncio.run(run(checkpoint, args.lengths, args.policies, redis_url, args.requests, args.seconds,
+                               args.hot_tier_bytes))
     finally:
         if embedded is not None:
             embedded.stop()
     cfg = checkpoint.config
+    hot = rows[0]["hot_tier_bytes"] if rows else 0
     print(f"model {cfg.kind}: {cfg.layers} layers x {cfg.heads} heads x (d_k {cfg.d_k} + d_v {cfg.d_v}), "
-          f"{cfg.num_items} items; torch threads {torch.get_num_threads()}; Redis {redis_url}")
+          f"{cfg.num_items} items; torch threads {torch.get_num_threads()}; Redis {redis_url}; hot tier "
+          + (f"{hot} bytes" if hot else "off"))
     print(format_table(rows))
     if args.json_out:
         with open(args.json_out, "w") as f:
@@ -69,17 +70,12 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
-def untrained_checkpoint() -> Checkpoint:
-    torch.manual_seed(0)
-    model = build_model(ModelConfig(num_items=UNTRAINED_ITEMS, dropout=0.0)).eval()
-    return Checkpoint(model, [str(i) for i in range(UNTRAINED_ITEMS)], "untrained", model_fingerprint(model))
-
-
 async def run(checkpoint: Checkpoint, lengths: list[int], policies: list[str], redis_url: str,
-              requests: int, seconds: float) -> list[dict]:
+              requests: int, seconds: float, hot_tier_bytes: int | None = None) -> list[dict]:
     prefix = f"kvrec-bench-{uuid.uuid4().hex[:8]}"
+    hot = {} if hot_tier_bytes is None else {"hot_tier_bytes": hot_tier_bytes}
     settings = Settings(redis_url=redis_url, key_prefix=prefix, max_log_events=max(lengths) + requests + 10,
-                        max_history_events=max(lengths), state_ttl_s=3600)
+                        max_history_events=max(lengths), state_ttl_s=3600, **hot)
     store = RedisStore.connect(settings)
     rows = []
     try:
@@ -87,7 +83,8 @@ async def run(checkpoint: Checkpoint, lengths: list[int], policies: list[str], r
             for spec in policies:
                 engine = Engine(checkpoint, spec, settings.prefill_chunk)
                 pipeline = RankingPipeline(store, engine, settings)
-                rows.append(await time_cell(pipeline, length, requests, seconds))
+                rows.append({**await time_cell(pipeline, length, requests, seconds),
+                             "hot_tier_bytes": settings.hot_tier_bytes if pipeline.tier is not None else 0})
                 print(f"  {length:>6} {engine.spec:<34} {rows[-1]['ms']['total']:9.2f} ms", file=sys.stderr)
     finally:
         await store.close()

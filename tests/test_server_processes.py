@@ -7,9 +7,11 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
 import httpx
@@ -69,6 +71,7 @@ def test_metrics_are_the_same_totals_from_every_worker(tiny_checkpoint, private_
                     "user_id": f"u{i % 8}", "events": [{"item_id": str(i % 50), "ts": i}], "k": 5})
                 assert r.status_code == 200, r.text
             httpx.post(f"{base}/recommend", json={"user_id": "u0", "k": 0})
+            time.sleep(1.0)  # each worker adds its counts to Redis every metrics_flush_s (0.25 s)
             reports = [httpx.get(f"{base}/metrics", timeout=10).json() for _ in range(12)]
     for m in reports:
         assert m["requests"] == {"total": 41, "by_status": {"200": 40, "422": 1}}
@@ -100,28 +103,36 @@ def test_embedded_redis_is_started_and_stopped(tiny_checkpoint):
     embedded.close()
 
 
-@pytest.mark.parametrize("case", ["missing model", "bad policy"])
-def test_startup_errors_are_one_clear_line(tiny_checkpoint, tmp_path, case):
+@pytest.mark.parametrize("case", ["missing model", "bad policy", "a WAIT longer than the socket timeout"])
+def test_startup_errors_are_one_clear_line(tiny_checkpoint, tmp_path, case, private_redis):
     model, policy = (str(tmp_path / "absent.ckpt"), "full") if case == "missing model" else (
-        str(tiny_checkpoint), "h2o:budgett=3")
-    r = subprocess.run([*KVREC, "serve", "--model", model, "--policy", policy], env=clean_env(),
+        str(tiny_checkpoint), "h2o:budgett=3" if case == "bad policy" else "full")
+    more = ["--redis-url", private_redis.url, "--redis-wait-replicas", "1", "--redis-wait-timeout-ms", "5000"]
+    r = subprocess.run([*KVREC, "serve", "--model", model, "--policy", policy, *more], env=clean_env(),
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2
     assert "Traceback" not in r.stderr
     if case == "missing model":
         assert str(tmp_path / "absent.ckpt") in r.stderr and "kvrec train" in r.stderr
-    else:
+    elif case == "bad policy":
         assert "budgett" in r.stderr
+    else:
+        assert "redis_wait_timeout_ms (5000) must be below redis_timeout_s" in r.stderr
 
 
-def test_bench_serve_runs(tiny_checkpoint, tmp_path):
+@pytest.mark.parametrize("hot_tier", [True, False], ids=["hot tier", "no hot tier"])
+def test_bench_serve_runs(tiny_checkpoint, tmp_path, hot_tier):
+    """Every stage timed; with the hot tier nothing is decoded (the users are held), without it `full` and
+    int8 decode the stored blob."""
     out = tmp_path / "bench.json"
     r = subprocess.run([*KVREC, "bench", "serve", "--model", str(tiny_checkpoint), "--lengths", "20,40",
                         "--policies", "full;int8;recompute", "--requests", "3", "--seconds", "1",
-                        "--redis-url", "redis://127.0.0.1:6379/0", "--json", str(out)],
+                        "--redis-url", "redis://127.0.0.1:6379/0", "--json", str(out),
+                        *([] if hot_tier else ["--hot-tier-bytes", "0"])],
                        env=clean_env(), capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert "vs recomp" in r.stdout and "codec" in r.stdout
+    assert ("hot tier 268435456 bytes" if hot_tier else "hot tier off") in r.stdout
     rows = json.loads(out.read_text())["rows"]
     assert [(row["length"], row["policy"]) for row in rows] == [
         (n, p) for n in (20, 40) for p in ("full", "int8", "recompute")]
@@ -129,4 +140,47 @@ def test_bench_serve_runs(tiny_checkpoint, tmp_path):
         assert row["requests"] >= 3 and row["ms"]["total"] > 0
         assert row["speedup_vs_recompute"] > 0
         assert (row["blob_bytes"] > 0) == (row["policy"] != "recompute")
+        assert (row["ms"]["decode"] > 0) == (row["policy"] != "recompute" and not hot_tier), row
     assert not redis.Redis().keys("kvrec-bench-*")  # it cleans up after itself
+
+
+def test_huge_bodies_beside_small_requests(tiny_checkpoint, private_redis):
+    """A 50 MB body, announced or streamed, is refused (413) without being read whole, and small requests
+    are answered meanwhile, also while a body at the limit (4 MiB) is parsed."""
+    with serving(["--model", str(tiny_checkpoint), "--redis-url", private_redis.url]) as (base, _):
+        port = int(base.rsplit(":", 1)[1])
+        head = b"POST /recommend HTTP/1.1\r\nHost: kvrec\r\nContent-Type: application/json\r\n"
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:  # announced: answered at once
+            s.sendall(head + b"Content-Length: 52428800\r\n\r\n" + b"{" * 65536)
+            assert s.recv(4096).startswith(b"HTTP/1.1 413 ")
+
+        def streamed() -> bytes:
+            """50 MB in 1 MiB chunks without a length; the answer comes once the limit is passed."""
+            with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+                s.sendall(head + b"Transfer-Encoding: chunked\r\n\r\n")
+                try:
+                    for _ in range(50):
+                        s.sendall(b"100000\r\n" + b" " * 2**20 + b"\r\n")
+                except OSError:  # the server answered and closed while we were still sending
+                    pass
+                return s.recv(4096)
+
+        at_limit = b'{"user_id": "u", ' + b", ".join(b'"k%d": 0' % i for i in range(300_000)) + b"}"
+        assert 3.5 * 2**20 < len(at_limit) < 4 * 2**20
+        with ThreadPoolExecutor(2) as pool:
+            big = pool.submit(streamed)
+            near = pool.submit(lambda: httpx.post(f"{base}/recommend", content=at_limit, timeout=60))
+            slowest = 0.0
+            for i in range(30):
+                clock = time.monotonic()
+                r = httpx.post(f"{base}/recommend", json={"user_id": f"s{i}", "events": [{"item_id": "1", "ts": 1}]},
+                               timeout=10)
+                slowest = max(slowest, time.monotonic() - clock)
+                assert r.status_code == 200, r.text
+            assert big.result().startswith(b"HTTP/1.1 413 ")
+            r = near.result()
+        assert r.status_code == 422 and r.json()["errors"][0]["type"] == "extra_forbidden"
+        assert len(r.json()["errors"]) == 20  # not 300,000
+        assert slowest < 3.0, f"a small request waited {slowest:.2f} s"
+        by_status = httpx.get(f"{base}/metrics").json()["requests"]["by_status"]
+        assert by_status == {"200": 30, "413": 2, "422": 1}

@@ -32,21 +32,26 @@ def rank_all(user: str, events: list[dict]) -> dict:
     return {"user_id": user, "events": events, "candidates": ALL_ITEMS, "k": 50}
 
 
+@pytest.mark.parametrize("hot_tier_bytes", [0, 2**20], ids=["redis", "hot tier"])
 @pytest.mark.parametrize("kind", ["hstu", "sasrec"])
-async def test_incremental_equals_one_request_equals_recompute(client_for, make_checkpoint, kind):
+async def test_incremental_equals_one_request_equals_recompute(client_for, make_checkpoint, kind, hot_tier_bytes):
+    """Pieces extended from the stored blob each time, or from the worker's hot copy (written back every 4
+    events), give the scores of one request and of a recompute."""
     events = history(60)
     model = make_checkpoint(kind)
-    async with client_for(policy="full", model=model) as client:
+    async with client_for(policy="full", model=model, hot_tier_bytes=hot_tier_bytes,
+                          hot_writeback_events=4) as client:
         whole = scores(await client.post("/recommend", json=rank_all("whole", events)))
         i, sizes = 0, [1, 2, 5, 1, 13, 3, 20, 15]
         while i < len(events):
             r = await client.post("/recommend", json=rank_all("pieces", events[i:i + sizes[0]]))
             i, sizes = i + sizes[0], sizes[1:] + sizes[:1]
-        assert r.json()["state"]["source"] == "hit"
+        assert r.json()["state"]["source"] == "hit" and r.json()["state"]["hot"] == bool(hot_tier_bytes)
         pieces = scores(r)
     async with client_for(policy="recompute", model=model) as client:
         r = await client.post("/recommend", json=rank_all("pieces", []))  # the same log, computed anew
-        assert r.json()["state"] == {"events_seen": 60, "tokens_kept": 120, "bytes": 0, "source": "recompute"}
+        assert r.json()["state"] == {"events_seen": 60, "tokens_kept": 120, "bytes": 0, "source": "recompute",
+                                     "hot": False}
         recomputed = scores(r)
     assert pieces.keys() == whole.keys() == recomputed.keys()
     for item in whole:
@@ -54,10 +59,13 @@ async def test_incremental_equals_one_request_equals_recompute(client_for, make_
         assert recomputed[item] == pytest.approx(whole[item], abs=1e-5)
 
 
+@pytest.mark.parametrize("hot_tier_bytes", [0, 2**20], ids=["redis", "hot tier"])
 @pytest.mark.parametrize("policy", ["full", "int8", "h2o:budget=8,recent=4", "kivi:bits=2"])
-async def test_concurrent_requests_lose_no_event(client_for, redis_store, policy):
+async def test_concurrent_requests_lose_no_event(client_for, redis_store, policy, hot_tier_bytes):
+    """Concurrent requests of one user, in one worker: with the hot tier they extend the same held copy at
+    once, and the copy kept (and the state stored at shutdown) holds every event."""
     n = 60
-    async with client_for(policy=policy, compute_concurrency=4) as client:
+    async with client_for(policy=policy, compute_concurrency=4, hot_tier_bytes=hot_tier_bytes) as client:
         await client.put("/users/u/history", json={"events": history(5)})
         base_ts = history(5)[-1]["ts"]
         bodies = [{"user_id": "u", "events": [{"item_id": f"c{i}", "ts": base_ts + 1}], "k": 5} for i in range(n)]
@@ -81,7 +89,7 @@ async def test_concurrent_requests_lose_no_event(client_for, redis_store, policy
 
 async def test_trimmed_log_keeps_absolute_positions(client_for, redis_store, shared_redis):
     events = history(12)
-    async with client_for(policy="full", max_log_events=5) as client:
+    async with client_for(policy="full", max_log_events=5, hot_tier_bytes=0) as client:  # a miss: no held copy
         r = await client.post("/recommend", json=rank_all("u", events[:8]))
         assert r.json()["state"]["events_seen"] == 8
         snapshot = await redis_store.load("u", with_state=False, whole_log=True)

@@ -3,17 +3,29 @@ decoded events, explicit statuses, compare-and-set, user ids that are data, and 
 
 from __future__ import annotations
 
+import os
+import signal
+import time
+
 import pytest
+import redis
+from kvrec.server.embedded_redis import EmbeddedRedis
 from kvrec.server.settings import Settings
 from kvrec.server.store import (
     Census,
+    Held,
     LoggedEvent,
+    MetricsBatch,
+    RedisMetricsSink,
     RedisStore,
     StateStatus,
     Stored,
     StoreUnavailable,
     TimestampError,
+    WorkerGauge,
+    Written,
 )
+from redis.crc import key_slot
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.redis]
 
@@ -50,8 +62,70 @@ async def test_store_is_compare_and_set(redis_store, shared_redis):
     assert await redis_store.store("u", epoch, 3, b"three") is Stored.STORED
     assert 0 < shared_redis.ttl(redis_store.keys("u")[2]) <= 60  # states are a cache that expires
     assert shared_redis.ttl(redis_store.keys("u")[0]) == -1  # events do not, unless configured to
-    assert await redis_store.delete("u") == 3
+    assert await redis_store.delete("u") == 5  # events, meta, state, request ids and their digests
     assert await redis_store.delete("u") == 0
+
+
+async def test_a_held_copy_is_checked_by_the_load_which_then_skips_the_blob(redis_store):
+    epoch = (await redis_store.append("u", EVENTS)).epoch
+    await redis_store.store("u", epoch, 2, b"two")
+    held = await redis_store.load("u", True, False, held=Held(epoch, 3, LoggedEvent("3", 3, 0)))
+    assert (held.state, held.blob, held.state_seq, held.stored_seq, held.events) == (StateStatus.HELD, b"", 3, 2, ())
+    assert held.state_last == LoggedEvent("3", 3, 0)
+    as_old = await redis_store.load("u", True, False, held=Held(epoch, 2, LoggedEvent("2", 2, 3)))
+    assert (as_old.state, as_old.events_from, as_old.events) == (StateStatus.HELD, 2, (LoggedEvent("3", 3, 0),))
+    not_current = {"older than the stored state": Held(epoch, 1, LoggedEvent("1", 1, 0)),
+                   "another epoch": Held("other", 3, LoggedEvent("3", 3, 0)),
+                   "ahead of the log": Held(epoch, 4, LoggedEvent("4", 4, 0)),
+                   "another last event": Held(epoch, 3, LoggedEvent("x", 3, 0))}
+    for why, copy in not_current.items():
+        snapshot = await redis_store.load("u", True, False, held=copy)
+        assert (snapshot.state, snapshot.blob, snapshot.state_seq, snapshot.events_from) == (
+            StateStatus.FOUND, b"two", 2, 2), why
+        assert snapshot.state_last == LoggedEvent("2", 2, 3) and snapshot.stored_seq == 2, why
+
+
+async def test_a_state_whose_last_event_the_log_does_not_hold_is_refused(redis_store):
+    """A state folded in an event that a failover lost (and another took its place) is not stored."""
+    epoch = (await redis_store.append("u", EVENTS)).epoch
+    assert await redis_store.store("u", epoch, 3, b"x", last_event=LoggedEvent("lost", 3, 0)) is Stored.GONE
+    assert await redis_store.store("u", epoch, 3, b"x", last_event=LoggedEvent("3", 3, 0)) is Stored.STORED
+
+
+async def test_wait_replicas_acknowledges_an_append_once_a_replica_has_it(key_prefix, tmp_path):
+    """With redis_wait_replicas=1 an append answers once a replica has it; with the replica stopped it is
+    a 503-to-be that says the events were written, within the WAIT timeout, and the retry with the same
+    id, once the replica is back, appends nothing twice and is acknowledged."""
+    (tmp_path / "primary").mkdir()
+    (tmp_path / "replica").mkdir()  # a full sync writes an RDB file on both sides
+    with EmbeddedRedis(workdir=tmp_path / "primary") as primary, EmbeddedRedis(workdir=tmp_path / "replica") as replica:
+        mirror = redis.Redis.from_url(replica.url)
+        mirror.replicaof("127.0.0.1", primary.port)
+        deadline = time.monotonic() + 10
+        while mirror.info("replication").get("master_link_status") != "up":
+            assert time.monotonic() < deadline, "the replica did not connect"
+            time.sleep(0.05)
+        store = RedisStore.connect(Settings(redis_url=primary.url, key_prefix=key_prefix, redis_wait_replicas=1,
+                                            redis_wait_timeout_ms=300))
+        log = store.keys("u").events
+        try:
+            await store.append("u", [("1", 1, 0)], request_id="first")
+            assert mirror.llen(log) == 1  # on the replica when it was acknowledged
+            os.kill(replica.process.pid, signal.SIGSTOP)
+            try:
+                started = time.monotonic()
+                with pytest.raises(StoreUnavailable, match="reached 0 of the 1 replica") as caught:
+                    await store.append("u", [("2", 2, 0)], request_id="second")
+                assert caught.value.written is Written.EVENTS and time.monotonic() - started < 0.9
+            finally:
+                os.kill(replica.process.pid, signal.SIGCONT)
+            again = await store.append("u", [("2", 2, 0)], request_id="second")
+            assert again.replayed and again.events_total == 2
+            assert [e.item_id for e in (await store.load("u", False, True)).events] == ["1", "2"]
+            assert mirror.llen(log) == 2
+        finally:
+            await store.close()
+            mirror.close()
 
 
 async def test_answer_is_handed_back_by_the_next_append(redis_store):
@@ -105,37 +179,60 @@ async def test_user_ids_are_data_not_key_syntax(redis_store, other):
         tail = key[len(redis_store.prefix) + 1:]
         assert tail.count("{") == 1 and tail.count("}") == 1 and tail.index("}") > tail.index("{")
     assert not set(redis_store.keys("a")) & set(redis_store.keys(other))
-    assert await redis_store.delete(other) == 3
+    assert await redis_store.delete(other) == 5
     assert len((await redis_store.load("a", with_state=False, whole_log=True)).events) == 1
 
 
-async def test_metrics_sink_round_trip(redis_store):
-    sink = redis_store.metrics_sink(max_samples=2)
-    await sink.add(1_000.5, {"requests": 1, "status:200": 1}, [1.0, 2.0], ("u", Census(10, 2, 3)))
-    await sink.add(1_001.2, {"requests": 1, "status:503": 1}, [3.0, 4.0])
-    await sink.add(1_002.0, {"requests": 1}, [5.0, 6.0], ("v", Census(20, 4, 6)))
-    data = await sink.read(drop_seconds_before=1_001)
+async def test_metrics_sink_round_trip_is_bounded(redis_store, shared_redis):
+    sink = RedisMetricsSink(redis_store.redis, redis_store.prefix, max_samples=2, census_users=2, ttl_s=600,
+                            keep_seconds=5)
+    await sink.add(MetricsBatch({"requests": 2, "status:200": 1, "status:503": 1}, [(1_000.5, [1.0, 2.0])],
+                                {1_000: 2}, {"u": Census(10, 2, 3)}, since=1_000.5), now=1_000.5)
+    await sink.add(MetricsBatch({"requests": 1}, [(1_001.2, [3.0, 4.0]), (1_002.0, [5.0, 6.0])], {1_002: 1},
+                                {"v": Census(20, 4, 6), "w": Census(1, 1, 1)}, since=1_002.0,
+                                workers={"host:1": WorkerGauge(1_006.0, 100, 2, 1_000)}), now=1_006.0)
+    data = await sink.read()
     assert data.since == 1_000.5
     assert data.counters == {"requests": 3, "status:200": 1, "status:503": 1}
     assert data.samples == [[5.0, 6.0], [3.0, 4.0]]  # newest first, at most max_samples
-    assert data.per_second == {1_001: 1, 1_002: 1}
-    assert data.census == {"u": Census(10, 2, 3), "v": Census(20, 4, 6)}
-    assert data.memory_bytes > 0 and data.keys >= 4
-    assert (await sink.read(drop_seconds_before=0)).per_second == {1_001: 1, 1_002: 1}  # dropped for good
+    assert data.per_second == {1_002: 1}  # seconds older than keep_seconds are dropped
+    assert len(data.census) == 2 and data.census["u"] == Census(10, 2, 3)  # capped at census_users
+    newcomer = next(u for u in data.census if u != "u")  # one of the batch's two new users got the last place
+    assert data.workers == {"host:1": WorkerGauge(1_006.0, 100, 2, 1_000)}
+    for key in (sink.counters, sink.latency, sink.seconds, sink.users, sink.workers):
+        assert 0 < shared_redis.ttl(key) <= 600  # metrics never outlive a service that stopped writing them
+    await sink.add(MetricsBatch(census={"u": Census(11, 2, 4)}), now=1_006.0)  # a counted user is updated
+    assert (await sink.read()).census["u"] == Census(11, 2, 4)
     await sink.forget_user("u")
     await sink.reset()
-    data = await sink.read(drop_seconds_before=0)
+    data = await sink.read()
     assert (data.since, data.counters, data.samples, data.per_second) == (None, {}, [], {})
-    assert data.census == {"v": Census(20, 4, 6)}  # the census outlives a reset
+    assert list(data.census) == [newcomer] and list(data.workers) == ["host:1"]  # they outlive a reset
+
+
+async def test_metrics_keys_share_one_slot_and_a_wrong_type_is_replaced(redis_store, shared_redis):
+    sink = redis_store.metrics_sink(Settings())
+    keys = [sink.counters, sink.latency, sink.seconds, sink.users, sink.workers]
+    assert len({key_slot(k.encode()) for k in keys}) == 1  # one Lua script writes them all, also on a cluster
+    shared_redis.set(sink.latency, "not a list")
+    await sink.add(MetricsBatch({"requests": 1}, [(1.0, [2.0])]), now=1.0)
+    assert (await sink.read()).samples == [[2.0]]
 
 
 async def test_unreachable_redis_raises_store_unavailable(private_redis, key_prefix):
     store = RedisStore.connect(Settings(redis_url=private_redis.url, key_prefix=key_prefix, redis_timeout_s=0.5))
     epoch = (await store.append("u", EVENTS)).epoch
     private_redis.stop()
-    for call in (store.ping(), store.append("u", [("4", 4, 0)]), store.load("u", True, False),
-                 store.store("u", epoch, 3, b"x"), store.delete("u"), store.metrics_sink(10).add(1.0, {"n": 1}),
-                 store.metrics_sink(10).read(0)):
-        with pytest.raises(StoreUnavailable, match="Error"):
-            await call
+    sink = store.metrics_sink(Settings())
+    calls = {"ping": (store.ping, Written.NOTHING),
+             "append": (lambda: store.append("u", [("4", 4, 0)]), Written.UNKNOWN),
+             "load": (lambda: store.load("u", True, False), Written.NOTHING),
+             "store": (lambda: store.store("u", epoch, 3, b"x"), Written.UNKNOWN),
+             "delete": (lambda: store.delete("u"), Written.UNKNOWN), "info": (store.info, Written.NOTHING),
+             "metrics add": (lambda: sink.add(MetricsBatch({"n": 1}), 1.0), Written.UNKNOWN),
+             "metrics read": (sink.read, Written.NOTHING)}
+    for name, (call, written) in calls.items():
+        with pytest.raises(StoreUnavailable, match="Error") as caught:
+            await call()
+        assert caught.value.written is written, name
     await store.close()
