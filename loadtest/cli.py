@@ -32,21 +32,50 @@ def register(sub) -> None:
             "history prefixes loaded, Locust headless for --duration replaying the rest of their histories, "
             "then /metrics and Redis INFO memory read. Writes summary.json, summary.csv, report.md, plots "
             "and run.json (configuration, versions, machine) into --out. The model, the dataset and every "
-            "policy are checked before anything starts."))
+            "policy are checked before anything starts. Load is a closed loop of --users virtual users, or "
+            "with --rate an open loop (requests on a schedule, latency from each one's intended send time); "
+            "--find-capacity searches each policy's highest rate with p99 under --p99-ms."))
     p.add_argument("--model", required=True, type=Path, help="checkpoint from `kvrec train`")
     p.add_argument("--policies", type=parse_policy_list, default=DEFAULT_POLICIES,
                    help="policy specs separated by ';' (include `full` for top10_overlap)")
     p.add_argument("--out", required=True, type=Path, help="output folder")
-    p.add_argument("--users", type=positive_int, default=4, help="concurrent Locust users (virtual users)")
+    p.add_argument("--users", type=positive_int, default=4,
+                   help="concurrent Locust users (virtual users) of the closed loop; an open loop (--rate, "
+                        "--find-capacity) runs one scheduling user per Locust process instead")
     p.add_argument("--spawn-rate", type=at_least(0.001, float), default=4.0,
                    help="Locust users started per second")
     p.add_argument("--duration", type=parse_duration, default="60s",
-                   help="measured run per policy: 90 (seconds), 90s, 2m")
+                   help="measured run per policy: 90 (seconds), 90s, 2m (--find-capacity runs steps of "
+                        "--step-duration instead)")
     p.add_argument("--redis-url", default=None,
                    help="measure against this Redis (only the sweep's own key prefixes are touched) (default: "
                         "$KVREC_REDIS_URL, then $REDIS_URL, else a private redis-server on a unix socket, "
                         "flushed between policies)")
     p.add_argument("--server-workers", type=positive_int, default=1, help="`kvrec serve --workers`")
+    p.add_argument("--hot-tier-bytes", type=at_least(0), default=None,
+                   help="`kvrec serve --hot-tier-bytes` of each policy's server (default: the service's, 256 MiB; "
+                        "0: off)")
+    p.add_argument("--hot-writeback-events", type=positive_int, default=None,
+                   help="`kvrec serve --hot-writeback-events` (default: the service's, 8)")
+    p.add_argument("--redis-cluster", type=at_least(0), default=0, metavar="N",
+                   help="measure against a private local Redis Cluster of N masters (each user's keys on one "
+                        "slot; the service gets a redis+cluster:// URL) instead of a single private Redis; "
+                        "0: no cluster")
+    p.add_argument("--locust-workers", type=at_least(0), default=0, metavar="N",
+                   help="run Locust as a master and N worker processes, one core each, for loads one "
+                        "process cannot send on time (it then warns 'CPU usage above 90%%' and open-loop "
+                        "requests leave late); 0: one Locust process")
+    c = p.add_argument_group("capacity search", "--find-capacity: the highest open-loop rate each policy "
+                             "sustains with p99 under --p99-ms, no error and nothing unsent")
+    c.add_argument("--find-capacity", action="store_true",
+                   help="search each policy's capacity (doubling from --min-rate, or from --rate when given, "
+                        "then bisecting) and report it as capacity_rps@p99<=Xms")
+    c.add_argument("--p99-ms", type=at_least(0.001, float), default=50.0, help="latency target of the search")
+    c.add_argument("--min-rate", type=at_least(0.001, float), default=1.0, help="lowest rate tried, req/s")
+    c.add_argument("--max-rate", type=at_least(0.001, float), default=1000.0, help="highest rate tried, req/s")
+    c.add_argument("--capacity-steps", type=positive_int, default=10, help="most load steps per policy")
+    c.add_argument("--step-duration", type=parse_duration, default="10s",
+                   help="each step's open-loop run (each after a fresh warm-up)")
     add_arguments(p, sweep=True, required=("dataset",))
     p.set_defaults(func=_sweep)
 
@@ -63,13 +92,23 @@ def register(sub) -> None:
 
 
 def _sweep(args: argparse.Namespace) -> int:
-    from kvrec.loadtest.sweep import SweepConfig, run_sweep
+    from kvrec.loadtest.sweep import CapacitySearch, SweepConfig, run_sweep
+    from kvrec.models.cli import UsageError
     from kvrec.server.settings import resolve_redis_url
 
+    redis_url = resolve_redis_url(args.redis_url)
+    if args.redis_cluster and redis_url:
+        raise UsageError(f"--redis-cluster starts a private cluster, but a Redis URL is set ({redis_url}, from "
+                         "--redis-url, KVREC_REDIS_URL or REDIS_URL); give one or the other")
+    if args.min_rate > args.max_rate:
+        raise UsageError(f"--min-rate {args.min_rate:g} is above --max-rate {args.max_rate:g}")
+    capacity = CapacitySearch(p99_ms=args.p99_ms, min_rate=args.min_rate, max_rate=args.max_rate,
+                              max_steps=args.capacity_steps, step_s=args.step_duration) if args.find_capacity else None
     cfg = SweepConfig(model=args.model, policies=args.policies, out=args.out,
                       replay=ReplayOptions.from_namespace(args), users=args.users, spawn_rate=args.spawn_rate,
-                      duration_s=args.duration, redis_url=resolve_redis_url(args.redis_url),
-                      server_workers=args.server_workers)
+                      duration_s=args.duration, redis_url=redis_url, server_workers=args.server_workers,
+                      hot_tier_bytes=args.hot_tier_bytes, hot_writeback_events=args.hot_writeback_events,
+                      capacity=capacity, locust_workers=args.locust_workers, redis_cluster=args.redis_cluster)
     return _report_failure("sweep", run_sweep, cfg)
 
 

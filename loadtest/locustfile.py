@@ -11,6 +11,11 @@ of the true next items plus sampled negatives (loadtest.streams). Per-request re
 from Locust's request event (loadtest.records). The options are in loadtest/options.py; Locust's
 `--help` does not list them (it prints before loading a locustfile), the web UI's start form does.
 
+Every request carries an Idempotency-Key of its own and, when KVREC_API_TOKEN is set (the service then
+refuses writes without it), `Authorization: Bearer $KVREC_API_TOKEN`. A 503 is sent once more with the
+same key after RETRY_AFTER_S, which the key makes safe whatever the 503 says was written; the replay
+request then has one record, the retry's, timed from the first attempt.
+
 Per process, nothing is shared: in a distributed run the master loads the dataset, warms every
 replayed user up and then tells each worker which partition of the users is its own (a message sent in
 test_start, before any spawn message, so a worker knows its share before its first user starts);
@@ -20,13 +25,23 @@ each worker builds a pool over its partition only, so no dataset user is replaye
 from __future__ import annotations
 
 import logging
+import time
+import uuid
 from dataclasses import dataclass
 
 import gevent
 from kvrec.loadtest.options import ReplayOptions, add_arguments
 from kvrec.loadtest.records import RecordWriter, record_of, worker_path
-from kvrec.loadtest.streams import Lease, ReplaySource, StreamPool, load_source, partition, plan_requests
-from kvrec.loadtest.warmup import warm_up
+from kvrec.loadtest.streams import (
+    Lease,
+    PlannedRequest,
+    ReplaySource,
+    StreamPool,
+    load_source,
+    partition,
+    plan_requests,
+)
+from kvrec.loadtest.warmup import RETRIED_STATUS, RETRY_AFTER_S, request_headers, warm_up
 from locust import HttpUser, events, task
 from locust.runners import MasterRunner, WorkerRunner
 
@@ -89,6 +104,9 @@ def _on_test_start(environment, **_kw) -> None:
             result = warm_up(environment.host, source.streams, concurrency=opts.warm_up_concurrency)
             log.info("warm-up: %d users, %d prefix events in %.1f s",
                      result.users, result.events, result.seconds)
+    if opts.rate > 0 and ReplayUser in environment.user_classes:
+        log.warning("--rate %g is ignored by the closed-loop ReplayUser: run -f loadtest/openloop.py for an "
+                    "open loop", opts.rate)
     if isinstance(runner, MasterRunner):
         workers = sorted(runner.clients.ready + runner.clients.spawning + runner.clients.running,
                          key=lambda node: runner.get_worker_index(node.id))
@@ -127,10 +145,47 @@ def _on_test_stop(environment, **_kw) -> None:
 @events.request.add_listener
 def _on_request(context, response, response_time, start_time, exception, **_kw) -> None:
     """One record per replay request (other requests, e.g. from other user classes, carry no
-    `replay` context and are ignored)."""
+    `replay` context and are ignored): a first attempt that `send_recommend` retries has none, and its
+    retry's record counts from the first attempt's start."""
     if _replay is None or _replay.writer is None or "replay" not in context:
         return
-    _replay.writer.write(record_of(context["replay"], response, response_time, start_time, exception))
+    status = int(getattr(response, "status_code", 0) or 0)
+    if context.get("first_t") is None and status == RETRIED_STATUS:
+        return
+    rec = record_of(context["replay"], response, response_time, start_time, exception)
+    if context.get("first_t") is not None:
+        first = context["first_t"]
+        rec["response_ms"] += (rec["t"] - first) * 1000
+        rec["t"] = first
+        if rec["intended_t"] is not None:
+            rec["send_lag_ms"] = (first - rec["intended_t"]) * 1000
+        rec["latency_ms"] = rec["response_ms"] + max(rec["send_lag_ms"] or 0.0, 0.0)
+    _replay.writer.write(rec)
+
+
+def send_recommend(client, body: dict, context: dict) -> None:
+    """POST /recommend with a fresh Idempotency-Key, and once more with the same key after a 503 (its
+    events are appended at most once either way). `client`: a Locust HttpSession or FastHttpSession."""
+    headers = request_headers(uuid.uuid4().hex)
+    first_t = time.time()
+    response = client.post("/recommend", json=body, name="/recommend", headers=headers, context=context)
+    if response.status_code == RETRIED_STATUS:
+        gevent.sleep(RETRY_AFTER_S)
+        client.post("/recommend", json=body, name="/recommend", headers=headers,
+                    context={**context, "first_t": first_t})
+
+
+def recommend_request(replay: ProcessReplay, lease: Lease, req: PlannedRequest,
+                      intended_t: float | None = None) -> tuple[dict, dict]:
+    """(JSON body, Locust request context) of one replay request; `intended_t`: an open loop's due time,
+    from which its record measures latency (loadtest.records)."""
+    body = {"user_id": lease.stream.user_id, "events": req.events, "candidates": req.candidates,
+            "k": replay.options.k, "exclude_seen": replay.exclude_seen}
+    context = {"user_id": lease.stream.user_id, "request": req.index, "events": len(req.events),
+               "targets": req.targets}
+    if intended_t is not None:
+        context["intended_t"] = intended_t
+    return body, {"replay": context}
 
 
 class ReplayUser(HttpUser):
@@ -155,11 +210,8 @@ class ReplayUser(HttpUser):
                 return
         lease = self.lease
         req = lease.next_request()
-        body = {"user_id": lease.stream.user_id, "events": req.events, "candidates": req.candidates,
-                "k": _replay.options.k, "exclude_seen": _replay.exclude_seen}
-        context = {"replay": {"user_id": lease.stream.user_id, "request": req.index,
-                              "events": len(req.events), "targets": req.targets}}
-        self.client.post("/recommend", json=body, name="/recommend", context=context)
+        body, context = recommend_request(_replay, lease, req)
+        send_recommend(self.client, body, context)
         self.pause = req.wait_s
         if lease.finished:
             _replay.pool.release(lease)

@@ -54,8 +54,20 @@ class ReplayOptions:
         "> 0: pause for the real gap between events divided by this factor, capped at --max-gap "
         "(e.g. 86400 plays a day in a second)"), parse=non_negative_float)
     max_gap: float = option(5.0, "longest pause in seconds with --time-scale", parse=non_negative_float)
+    rate: float = option(0.0, (
+        "> 0: open loop (-f loadtest/openloop.py, or `kvrec sweep --rate`): send this many requests per "
+        "second in total on a fixed schedule, whatever the answers do, and measure each latency from the "
+        "request's intended send time; 0: closed loop, each virtual user waits for its answer "
+        "(--think-time, --time-scale)"), parse=non_negative_float)
+    arrivals: str = option("constant", (
+        "open-loop schedule: constant (evenly spaced) or poisson (exponential gaps, seeded by --seed)"),
+        choices=("constant", "poisson"))
+    max_in_flight: int = option(256, (
+        "open loop: most requests in flight at once per Locust process (its connection pool); a request "
+        "due while all are busy, or while every replayed user has one in flight, waits and is charged "
+        "for it"), parse=positive_int)
     warm_up_concurrency: int = option(2, "simultaneous warm-up requests", parse=positive_int)
-    seed: int = option(0, "seed of the negative sampling")
+    seed: int = option(0, "seed of the negative sampling and of poisson arrivals")
     records: str = option("", (
         "write one JSON line per request to this file (distributed workers write PATH-stem.workerN.jsonl "
         "beside it); empty: no records"), sweep=False)

@@ -193,11 +193,15 @@ class StreamPool:
             return lease
         return None
 
-    def release(self, lease: Lease) -> None:
-        """Return a lease: done when finished, else back to the front of the queue to be resumed."""
+    def release(self, lease: Lease, *, last: bool = False) -> None:
+        """Return a lease: done when finished, else back to the front of the queue to be resumed by the
+        next taker, or with `last` to the back (the open loop's round robin, where every request takes
+        the user idle longest, as independent users' requests interleave)."""
         self._leased.discard(lease.stream.user_id)
         if lease.finished:
             self.done += 1
+        elif last:
+            self._waiting.append(lease)
         else:
             self._waiting.appendleft(lease)
 

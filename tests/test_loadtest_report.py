@@ -8,7 +8,7 @@ import math
 
 import pytest
 from kvrec.loadtest import report
-from kvrec.loadtest.records import RecordWriter, ranking_metrics, read_records, record_of, worker_path
+from kvrec.loadtest.records import RecordWriter, ranking_metrics, read_records, record_of, unsent_record, worker_path
 
 
 class FakeResponse:
@@ -74,8 +74,28 @@ def test_summary_row_has_exactly_the_keys_and_derived_numbers():
     assert row["rps"] == pytest.approx(20 / (9.5 + 0.029))  # 20 requests from t=100 to the last one's end
     assert row["p50_ms"] == pytest.approx(19.5)
     assert row["ndcg@10"] == 0.5 and row["hr@10"] == 1.0
+    assert row["ndcg@10_vs_full"] == 0.0 and row["ndcg@10_vs_full_ci95"] == [0.0, 0.0]  # the same answers
     empty = report.summary_row("x", [], {}, None, None)
-    assert empty["rps"] is None and empty["bytes_per_user_mean"] is None
+    assert empty["rps"] is None and empty["bytes_per_user_mean"] is None and empty["ndcg@10_vs_full"] is None
+
+
+def test_accuracy_against_full_is_paired_on_the_same_requests_with_an_interval():
+    """A policy that answers full's requests 20% worse, and more requests of its own that are easy: the
+    paired difference is -20% (its extra requests have no partner), with an interval around it, and the
+    markdown shows both; the mode column says how the service ranked."""
+    full = [dict(r, **{"ndcg@10": 0.25 + 0.05 * (i % 4)}, mode="ranking") for i, r in enumerate(recs(0))]
+    worse = [dict(r, **{"ndcg@10": 0.8 * r["ndcg@10"]}) for r in full]
+    extra = [dict(r, request=100 + r["request"], **{"ndcg@10": 1.0}) for r in full]
+    row = report.summary_row("h2o", worse + extra, {}, None, reference=full)
+    assert row["ndcg@10_vs_full"] == pytest.approx(-0.2)
+    low, high = row["ndcg@10_vs_full_ci95"]
+    assert low == pytest.approx(-0.2) and high == pytest.approx(-0.2)  # the same loss for every user
+    noisy = [dict(r, **{"ndcg@10": r["ndcg@10"] * (0.6 if r["user_id"] in ("u0", "u1") else 1.0)}) for r in full]
+    low, high = report.summary_row("knorm", noisy, {}, None, reference=full)["ndcg@10_vs_full_ci95"]
+    assert low < -0.3 and -0.1 < high <= 0.0  # half the users lose 40%, 4 users: a wide interval
+    assert row["mode"] == "ranking"
+    table = report.markdown_table([row])
+    assert "-20.0%" in table and "[-20.0%, -20.0%]" in table and "ranking" in table
 
 
 def test_pareto_front_on_hand_made_rows():
@@ -116,3 +136,38 @@ def test_accuracy_on_common_requests_removes_the_coverage_bias():
     common = report.scored_keys(fast) & report.scored_keys(slow)
     assert report.summary_row("fast", fast, {}, None, None)["ndcg@10"] == 0.25
     assert report.summary_row("fast", fast, {}, None, None, common)["ndcg@10"] == 0.5
+
+
+def test_open_loop_records_measure_from_the_intended_time_and_unsent_ones_count(tmp_path):
+    """An open-loop record's latency includes how late it left; a request never answered by the end
+    keeps the time it waited in the percentiles and counts as an error, so no queue is hidden."""
+    sent = record_of({**CTX, "intended_t": 999.9}, FakeResponse(200, BODY), 12.5, 1000.0, None)
+    assert sent["send_lag_ms"] == pytest.approx(100.0) and sent["response_ms"] == 12.5
+    assert sent["latency_ms"] == pytest.approx(112.5) and sent["ok"] and not sent["unsent"]
+    closed = record_of(CTX, FakeResponse(200, BODY), 12.5, 1000.0, None)
+    assert closed["latency_ms"] == 12.5 and closed["intended_t"] is None
+    never = unsent_record(1000.0, 1002.0, "still waiting")
+    assert never["unsent"] and not never["ok"] and never["latency_ms"] == pytest.approx(2000.0)
+    assert "not answered: still waiting" in never["error"]
+    stats = report.client_stats([sent, never])
+    assert (stats["errors"], stats["unsent"], stats["late"]) == (1, 1, 1)
+    assert stats["p99_ms"] > 1900  # the unsent request's wait is in the percentile
+
+
+def test_open_loop_and_capacity_columns_appear_only_where_measured(tmp_path):
+    records = recs(0)
+    closed = report.summary_row("full", records, {}, None, None)
+    opened = report.summary_row("full", records, {}, None, None, offered_rps=40.0,
+                                capacity=(report.capacity_key(50), report.CapacityBound(400.0, ">=")))
+    assert tuple(closed) == report.SUMMARY_KEYS
+    cols = list(opened)
+    assert cols.index("capacity_rps@p99<=50ms") == cols.index("rps") - 1
+    assert cols[cols.index("p99_ms") + 1: cols.index("p99_ms") + 4] == ["offered_rps", "late", "unsent"]
+    assert opened["offered_rps"] == 40.0 and opened["unsent"] == 0
+    table = report.markdown_table([opened])
+    assert "capacity_rps@p99<=50ms" in table.splitlines()[0] and "| >=400.0 |" in table
+    report.write_summary(tmp_path, [opened])
+    with open(tmp_path / "summary.csv") as f:
+        row = next(csv.DictReader(f))
+    assert float(row["capacity_rps@p99<=50ms"]) == 400.0 and row["offered_rps"] == "40.0"
+    assert json.loads((tmp_path / "summary.json").read_text())[0]["capacity_rps@p99<=50ms"] == 400.0

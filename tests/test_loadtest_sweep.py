@@ -6,36 +6,20 @@ from __future__ import annotations
 import json
 
 import pytest
+from conftest import SWEEP_DATASET
 from kvrec.loadtest import report
 from kvrec.loadtest.options import ReplayOptions
 from kvrec.loadtest.records import read_records
 from kvrec.loadtest.sweep import SweepConfig, SweepError, run_sweep
 
-DATASET = "synth-short:users=12,mean_len=40"
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    from kvrec.models.checkpoint import save_checkpoint
-    from kvrec.models.data import load_dataset
-    from kvrec.models.recommender import ModelConfig
-    from kvrec.models.registry import build_model
-
-    ds = load_dataset(DATASET)
-    model = build_model(ModelConfig(kind="hstu", num_items=ds.num_items, dim=16, heads=2, d_k=8, d_v=8,
-                                    dropout=0.0)).eval()
-    path = tmp_path_factory.mktemp("model") / "tiny.ckpt"
-    save_checkpoint(path, model, ds.item_ids, ds.fingerprint())
-    return path
-
 
 @pytest.mark.slow
 @pytest.mark.redis
-def test_sweep_two_policies_end_to_end(tiny_model, tmp_path):
+def test_sweep_two_policies_end_to_end(sweep_model, tmp_path):
     out = tmp_path / "sweep"
     lines = []
-    rows = run_sweep(SweepConfig(model=tiny_model, policies=["full", "int8"], out=out, users=2, spawn_rate=2,
-                                 duration_s=6, replay=ReplayOptions(dataset=DATASET)), echo=lines.append)
+    rows = run_sweep(SweepConfig(model=sweep_model, policies=["full", "int8"], out=out, users=2, spawn_rate=2,
+                                 duration_s=6, replay=ReplayOptions(dataset=SWEEP_DATASET)), echo=lines.append)
     assert [r["policy"] for r in rows] == ["full", "int8"]
     assert sum(line.startswith(("[1/2] full", "[2/2] int8")) for line in lines) == 2  # a progress line each
     saved = json.loads((out / "summary.json").read_text())
@@ -66,11 +50,11 @@ def test_sweep_two_policies_end_to_end(tiny_model, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.redis
-def test_a_policy_whose_run_fails_is_reported_not_hidden(tiny_model, tmp_path):
+def test_a_policy_whose_run_fails_is_reported_not_hidden(sweep_model, tmp_path):
     """A failure after the start (here Locust refusing an argument) costs that policy, not the report."""
     with pytest.raises(SweepError, match="1 of 1 policies failed: full"):
-        run_sweep(SweepConfig(model=tiny_model, policies=["full"], out=tmp_path, duration_s=1,
-                              replay=ReplayOptions(dataset=DATASET), extra_locust_args=["--no-such-flag"]),
+        run_sweep(SweepConfig(model=sweep_model, policies=["full"], out=tmp_path, duration_s=1,
+                              replay=ReplayOptions(dataset=SWEEP_DATASET), extra_locust_args=["--no-such-flag"]),
                   echo=lambda line: None)
     run = json.loads((tmp_path / "run.json").read_text())
     assert "Locust exited with code" in run["policies"][0]["error"]
