@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from kvrec.compression import bench_rank
 from kvrec.compression import cli as compression_cli
 from kvrec.loadtest import cli as loadtest_cli
 from kvrec.models import cli as models_cli
@@ -57,11 +58,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     models_cli.register(sub)
-    bench = sub.add_parser("bench", help="benchmarks: offline policy replay, per-stage serving cost",
+    bench = sub.add_parser("bench", help="benchmarks: offline policy replay, per-stage serving cost, ranking cost",
                            description="Benchmarks: `offline` replays users under each policy without a "
-                                       "server; `serve` times the request pipeline stage by stage.")
+                                       "server; `serve` times the request pipeline stage by stage; `rank` "
+                                       "times ranking candidates over a cached state against recomputing it.")
     bench_sub = bench.add_subparsers(dest="bench_command", metavar="BENCH", required=True)
     compression_cli.register_bench(bench_sub)
+    bench_rank.register(bench_sub)
     serve_cli.register(sub, bench_sub)
     loadtest_cli.register(sub)
     return parser

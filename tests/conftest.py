@@ -47,6 +47,22 @@ def make_checkpoint(tmp_path_factory) -> Callable[[str], Path]:
     return make
 
 
+SWEEP_DATASET = "synth-short:users=12,mean_len=40"
+
+
+@pytest.fixture(scope="session")
+def sweep_model(tmp_path_factory) -> Path:
+    """An untrained tiny HSTU over SWEEP_DATASET's catalogue, for sweeps that replay that dataset."""
+    from kvrec.models.data import load_dataset
+
+    ds = load_dataset(SWEEP_DATASET)
+    model = build_model(ModelConfig(kind="hstu", num_items=ds.num_items, dim=16, heads=2, d_k=8, d_v=8,
+                                    dropout=0.0)).eval()
+    path = tmp_path_factory.mktemp("model") / "sweep-tiny.ckpt"
+    save_checkpoint(path, model, ds.item_ids, ds.fingerprint())
+    return path
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoint(make_checkpoint) -> Path:
     return make_checkpoint("hstu")

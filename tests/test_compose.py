@@ -23,6 +23,8 @@ yaml = pytest.importorskip("yaml")
 
 ROOT = Path(__file__).resolve().parents[1]
 SERVICES = {"redis", "train", "api", "locust-master", "locust-worker"}
+NODES = {f"redis-node-{i}" for i in range(1, 7)}
+CLUSTER = NODES | {"redis-cluster-init", "api-cluster"}  # the `cluster` profile
 
 
 def interpolate(value):
@@ -50,15 +52,18 @@ def commands(compose: dict, program: str) -> dict[str, list[str]]:
 
 def test_services_reference_each_other_and_declared_volumes(compose):
     services = compose["services"]
-    assert set(services) == SERVICES
+    assert set(services) == SERVICES | CLUSTER
     for name, svc in services.items():
         for dep in svc.get("depends_on", {}):
             assert dep in services, f"{name} depends on unknown service {dep}"
+            # a default service never waits for one that only the cluster profile starts
+            assert name in CLUSTER or dep not in CLUSTER, f"{name} depends on the cluster's {dep}"
         for vol in svc.get("volumes", []):
             source = vol.split(":")[0]
             assert source.startswith((".", "/")) or source in compose["volumes"], f"{name}: volume {source}"
-        if name != "redis":
+        if name not in {"redis", "redis-cluster-init"} | NODES:
             assert svc["build"] == "." and (ROOT / "Dockerfile").is_file()
+        assert svc.get("profiles") == (["cluster"] if name in CLUSTER else None), name
     assert services["api"]["depends_on"]["train"]["condition"] == "service_completed_successfully"
     assert services["locust-master"]["depends_on"]["api"]["condition"] == "service_healthy"
     # the model the trainer writes is the one the api reads, through one volume
@@ -78,18 +83,63 @@ def test_api_is_scalable_and_checked_on_readyz(compose):
 
 
 def test_redis_can_evict_states_but_never_event_logs(compose):
-    cmd = compose["services"]["redis"]["command"]
-    assert cmd[cmd.index("--maxmemory-policy") + 1].startswith("volatile-")  # only keys with a TTL
-    assert "--maxmemory" in cmd
-    env = compose["services"]["api"]["environment"]
-    assert int(env["KVREC_STATE_TTL_S"]) > 0 and "KVREC_EVENTS_TTL_S" not in env
+    for name in ("redis", *sorted(NODES)):
+        cmd = compose["services"][name]["command"]
+        assert cmd[cmd.index("--maxmemory-policy") + 1].startswith("volatile-")  # only keys with a TTL
+        assert "--maxmemory" in cmd and cmd[cmd.index("--appendonly") + 1] == "yes"
+    for name in ("api", "api-cluster"):
+        env = compose["services"][name]["environment"]
+        assert int(env["KVREC_STATE_TTL_S"]) > 0 and "KVREC_EVENTS_TTL_S" not in env
+
+
+def test_cluster_profile_forms_three_masters_with_a_replica_each(compose, tmp_path):
+    """Each node its own volume and cluster mode; the one-shot init, run here by a real shell with
+    stand-ins for `getent` and `redis-cli` that log their arguments, resolves the six nodes and creates
+    the cluster once (a second `up` finds it formed and leaves it)."""
+    services = compose["services"]
+    for name in NODES:
+        cmd = services[name]["command"]
+        assert cmd[cmd.index("--cluster-enabled") + 1] == "yes" and services[name]["volumes"] == [f"{name}:/data"]
+    init = services["redis-cluster-init"]
+    assert set(init["depends_on"]) == NODES and init["restart"] == "no" and init["entrypoint"] == ["sh", "-c"]
+    script = init["command"][0].replace("$$", "$")  # compose's escape of a literal $
+    log = tmp_path / "calls"
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "getent").write_text('#!/bin/sh\necho "10.0.0.${2#redis-node-}   $2"\n')
+    (fake / "redis-cli").write_text(f'#!/bin/sh\necho "$*" >> {log}\n'
+                                    '[ "$3" = cluster ] && echo "${CLUSTER_STATE:-cluster_state:fail}"\nexit 0\n')
+    for f in fake.iterdir():
+        f.chmod(0o755)
+    env = {"PATH": f"{fake}:/usr/bin:/bin"}
+    subprocess.run(["sh", "-c", script], env=env, check=True, timeout=30)
+    first = log.read_text().splitlines()
+    assert first[0] == "-h redis-node-1 cluster info"
+    assert first[1] == ("--cluster create " + " ".join(f"10.0.0.{i}:6379" for i in range(1, 7))
+                        + " --cluster-replicas 1 --cluster-yes")
+    log.unlink()
+    subprocess.run(["sh", "-c", script], env={**env, "CLUSTER_STATE": "cluster_state:ok"}, check=True, timeout=30)
+    assert log.read_text().splitlines() == ["-h redis-node-1 cluster info"]  # formed already: left alone
+
+
+def test_api_cluster_serves_from_a_cluster_node_and_locust_can_target_it(compose):
+    from kvrec.cli import build_parser
+
+    api = compose["services"]["api-cluster"]
+    serve = build_parser().parse_args(api["command"][1:])
+    assert serve.redis_url.startswith("redis+cluster://redis-node-")
+    assert serve.redis_url.split("//")[1].split(":")[0] in NODES
+    assert api["depends_on"]["redis-cluster-init"]["condition"] == "service_completed_successfully"
+    assert api["healthcheck"] == compose["services"]["api"]["healthcheck"] and "ports" not in api
+    master = (ROOT / "docker-compose.yml").read_text()
+    assert '"--host", "${KVREC_API_URL:-http://api:8000}"' in master  # KVREC_API_URL=http://api-cluster:8000
 
 
 def test_kvrec_commands_parse_with_the_real_cli(compose):
     from kvrec.cli import build_parser
 
     found = commands(compose, "kvrec")
-    assert set(found) == {"train", "api"}
+    assert set(found) == {"train", "api", "api-cluster"}
     for name, cmd in found.items():
         args = build_parser().parse_args(cmd[1:])
         assert callable(args.func), name

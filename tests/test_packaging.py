@@ -32,3 +32,11 @@ def test_imports_point_one_way():
     offenders = [f"{p.relative_to(root)} imports {name}" for folder, names in forbidden.items()
                  for p in (root / folder).rglob("*.py") for name in names if name in p.read_text()]
     assert offenders == []
+
+
+def test_the_cli_offers_every_registered_backbone():
+    """`kvrec train --model` spells the registry's names out (so `--help` imports no torch): kept equal."""
+    from kvrec.models.cli import MODEL_KINDS
+    from kvrec.models.registry import MODELS
+
+    assert sorted(MODEL_KINDS) == sorted(MODELS)
