@@ -63,6 +63,9 @@ def fraction(text: str) -> float:
         raise argparse.ArgumentTypeError(f"must be strictly between 0 and 1, got {text}")
     return value
 
+# named base shapes (`kvrec train --preset`): with 2 heads a head-level reduction can never exceed 2x
+PRESETS = {"small": {"heads": 2, "head_dim": 32}, "wide": {"heads": 8, "head_dim": 16}}
+
 # models.registry.MODELS' names, spelled out so that `kvrec --help` needs no torch (a test keeps them equal)
 MODEL_KINDS = ("hstu", "sasrec", "astro")
 
@@ -91,8 +94,11 @@ def register(sub) -> None:
     p.add_argument("--max-len", type=positive_int, default=200, help="training window, in events")
     p.add_argument("--dim", type=positive_int, default=64, help="embedding width")
     p.add_argument("--layers", type=positive_int, default=2, help="attention blocks")
-    p.add_argument("--heads", type=positive_int, default=2, help="attention heads per block")
-    p.add_argument("--head-dim", type=positive_int, default=32, help="d_k = d_v, per head")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="small",
+                   help="named base shape: small = 2 heads x 32 dims (the design card's model); wide = 8 heads "
+                   "x 16 dims, where head-level reductions can reach 8x; --heads/--head-dim override it")
+    p.add_argument("--heads", type=positive_int, default=None, help="attention heads per block (default: the preset's)")
+    p.add_argument("--head-dim", type=positive_int, default=None, help="d_k = d_v, per head (default: the preset's)")
     p.add_argument("--dropout", type=between(0.0, 1.0), default=0.2, help="dropout probability")
     p.add_argument("--epochs", type=positive_int, default=200,
                    help="upper bound; early stopping usually ends sooner")
@@ -111,6 +117,23 @@ def register(sub) -> None:
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--threads", type=positive_int, default=None,
                    help="torch CPU threads (default: torch's choice; 1 is faster on a busy machine)")
+    g = p.add_argument_group("trained memory levels (one at a time; post-hoc policies stack on any)")
+    g.add_argument("--kv-heads", type=positive_int, default=None,
+                   help="grouped-query attention: K/V heads, dividing --heads (1: multi-query attention)")
+    g.add_argument("--latent-dim", type=positive_int, default=None,
+                   help="multi-head latent attention: cache one latent of this width per token, K and V "
+                   "up-projected from it (smaller than heads x 2 x head-dim)")
+    g.add_argument("--rope-dim", type=positive_int, default=16,
+                   help="width of MLA's decoupled rotary key (sasrec)")
+    g.add_argument("--recurrent", choices=["linear"], default=None,
+                   help="decayed linear attention (hstu): a fixed-size state per layer and head")
+    g.add_argument("--memory", type=positive_int, default=None, metavar="W",
+                   help="compressive memory (hstu): the last W events exact, older ones folded into a linear "
+                   "memory (Infini-attention)")
+    g.add_argument("--slots", type=positive_int, default=None, metavar="S",
+                   help="trained sequence compression (hstu): events older than --slot-window folded into S "
+                   "learned slots")
+    g.add_argument("--slot-window", type=positive_int, default=64, help="events kept exact beside --slots")
     g = p.add_argument_group("ranking task")
     g.add_argument("--task", choices=["retrieval", "ranking"], default="retrieval",
                    help="retrieval: next-item scoring of the catalogue; ranking: also a target-aware ranking head, "
@@ -183,10 +206,18 @@ def cmd_train(args) -> int:
     device = default_device(args.device)  # checked before the data is loaded
     if args.threads:
         torch.set_num_threads(args.threads)
+    preset = PRESETS[args.preset]
+    heads, head_dim = args.heads or preset["heads"], args.head_dim or preset["head_dim"]
+    try:
+        model_cfg = ModelConfig(kind=args.model, dim=args.dim, layers=args.layers, heads=heads, d_k=head_dim,
+                                d_v=head_dim, max_len=args.max_len, dropout=args.dropout,
+                                kv_heads=args.kv_heads or 0, latent_dim=args.latent_dim or 0,
+                                rope_dim=args.rope_dim, recurrent=args.recurrent or "", memory=args.memory or 0,
+                                slots=args.slots or 0, slot_window=args.slot_window)
+    except ValueError as e:  # an impossible combination, refused before the data is loaded
+        raise UsageError(str(e)) from None
     dataset = load_dataset(args.dataset, min_len=args.min_len, format=args.format, columns=args.columns)
     print(f"dataset {dataset.name}: {dataset.stats()}", file=sys.stderr)
-    model_cfg = ModelConfig(kind=args.model, dim=args.dim, layers=args.layers, heads=args.heads,
-                            d_k=args.head_dim, d_v=args.head_dim, max_len=args.max_len, dropout=args.dropout)
     train_cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                             random_negatives=args.negatives, in_batch_negatives=args.negatives,
                             temperature=args.temperature, patience=args.patience, max_minutes=args.max_minutes,

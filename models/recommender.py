@@ -45,6 +45,61 @@ class ModelConfig:
     time_buckets: int = 64
     obs_window: int = 16  # new queries whose attention rows `extend` reports (SnapKV-style policies)
     ranking_head: bool = False  # a target-aware ranking head (models.recommender.Targets, `rank`)
+    # The trained levels of memory reduction (MALLOC's head, architecture and sequence levels); at most
+    # one of latent / recurrent / memory / slots, see `check`.
+    kv_heads: int = 0  # grouped-query attention: K/V heads shared by heads / kv_heads query heads (0: heads)
+    latent_dim: int = 0  # multi-head latent attention: one latent per token, K and V up-projected (0: off)
+    rope_dim: int = 16  # MLA on a rotary model: the decoupled rotary key's width (DeepSeek-V2)
+    recurrent: str = ""  # "linear": decayed linear attention, a fixed-size state per layer (HSTU)
+    memory: int = 0  # compressive memory: the last `memory` events exact, older ones in a linear memory
+    slots: int = 0  # trained sequence compression: older events folded into this many learned slots
+    slot_window: int = 64  # events kept exact beside the slots
+
+    def __post_init__(self) -> None:
+        self.check()
+
+    @property
+    def kv_head_count(self) -> int:
+        """K/V heads per layer: `kv_heads` under grouped-query attention, else one per query head."""
+        return self.kv_heads or self.heads
+
+    def check(self) -> None:
+        """Refuse an impossible combination with a message naming the constraint, before any training or
+        serving starts (ModelConfig is built first by `kvrec train` and by every checkpoint load)."""
+        if self.kv_heads and (self.kv_heads > self.heads or self.heads % self.kv_heads):
+            raise ValueError(f"--kv-heads {self.kv_heads} must divide --heads {self.heads} "
+                             "(each K/V head serves an equal group of query heads)")
+        kv_width = self.heads * (self.d_k + self.d_v)
+        if self.latent_dim and self.latent_dim >= kv_width:
+            raise ValueError(f"--latent-dim {self.latent_dim} must be smaller than the K/V it replaces "
+                             f"(heads x (d_k + d_v) = {kv_width} per token), or the latent saves nothing")
+        if self.latent_dim and self.kind == "sasrec" and (self.rope_dim % 2 or self.rope_dim < 2):
+            raise ValueError(f"--rope-dim {self.rope_dim} must be even and at least 2 (rotary pairs)")
+        if self.recurrent not in ("", "linear"):
+            raise ValueError(f"--recurrent {self.recurrent!r}: the one recurrent backbone is 'linear'")
+        trained = {"--kv-heads": self.kv_heads, "--latent-dim": self.latent_dim,
+                   "--recurrent": self.recurrent, "--memory": self.memory, "--slots": self.slots}
+        chosen = [flag for flag, value in trained.items() if value]
+        if len(chosen) > 1:
+            raise ValueError(f"{' and '.join(chosen)} change the same attention: choose one of them "
+                             "(post-hoc policies stack on any of them)")
+        if chosen and self.kind == "astro":
+            raise ValueError(f"{chosen[0]} applies to hstu and sasrec; astro keeps its own partitioned state")
+        if self.kind == "sasrec" and (self.recurrent or self.memory or self.slots):
+            raise ValueError(f"{chosen[0]} builds on HSTU's pointwise attention (no softmax to normalise a "
+                             "linear memory against): use --model hstu")
+        if self.slots and self.slot_window < 1:
+            raise ValueError("--slot-window must keep at least 1 event exact")
+
+    def variant(self) -> str:
+        """A short name of the trained level this config uses, for reports ("base" when none)."""
+        if self.kv_heads and self.kv_heads < self.heads:
+            return "mqa" if self.kv_heads == 1 else f"gqa{self.kv_heads}"
+        for name, value in (("mla", self.latent_dim), ("linear", self.recurrent), ("memory", self.memory),
+                            ("slots", self.slots)):
+            if value:
+                return f"{name}{value}" if isinstance(value, int) else name
+        return "base"
 
     def to_dict(self) -> dict:
         return asdict(self)
