@@ -15,16 +15,22 @@ policy's loss shows in the ranking (`rank_ndcg@10`, `rank_hr@10`), beside retrie
 (`rank_retrieval_ndcg@10`); where the checkpoint records engagement actions, the engagement head's AUC and
 per-user GAUC on the next item's label (`engage_auc`, `engage_gauc`). `ms_rank` is the ranking pass's
 time, apart from `ms_per_request` so that the state path's cost stays comparable across models.
+
+One replay serves both `kvrec bench offline` (one model) and `kvrec bench levels` (several models, each
+under its policies): a `RequestPlan` makes each user's requests once, and `replay` runs them through every
+`Lane` (a model with a serving step and a `Tally` per spec), users in the same order, so every tally's
+i-th request is the same request and any two rows can be compared request by request.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from kvrec.compression.base import PolicyContext
+from kvrec.compression.base import PolicyContext, PolicyError
 from kvrec.compression.spec import parse_policy
 from kvrec.compression.step import ServingStep
 from kvrec.models.evaluate import engagement_labels, sample_candidates
@@ -238,6 +244,100 @@ def ranking_summary(tally: Tally) -> dict:
     return row
 
 
+@dataclass
+class RequestPlan:
+    """How a user's stream becomes scored requests; the same plan gives every replay the same requests (the
+    same users, next items, sampled negatives and candidates: each user's generators are seeded from `seed`
+    and the user's index), which is what makes rows comparable request by request."""
+
+    events_per_request: int
+    max_requests_per_user: int | None
+    num_items: int
+    negatives: int
+    exclude_seen: bool
+    seed: int = 0
+    rank_candidates: int = 0  # 0: no candidates for a ranking head
+    engaged: frozenset[int] = frozenset()
+
+    def requests(self, user) -> list[Request]:
+        """The scored requests of one models.data.StreamUser."""
+        base = self.seed * 1_000_003 + user.user_index
+        return user_requests(user.prefix, user.future, self.events_per_request, self.max_requests_per_user,
+                             self.num_items, self.negatives, self.exclude_seen, torch.Generator().manual_seed(base),
+                             self.rank_candidates, self.engaged, torch.Generator().manual_seed(base * 2 + 1))
+
+
+@dataclass
+class Lane:
+    """One model replayed under its policies: a serving step and a tally per spec. `full` comes first, as
+    the reference of the other specs' top-10 overlap and score error (the same model's uncompressed answer)."""
+
+    checkpoint: object  # models.checkpoint.Checkpoint
+    pipelines: dict  # spec as given -> compression.pipeline.Pipeline
+    steps: dict[str, ServingStep]
+    tallies: dict[str, Tally]
+
+    @property
+    def ranks(self) -> bool:
+        return self.checkpoint.model.rank_head is not None
+
+
+def make_lane(checkpoint, specs: list[str], calibration: list[Events] | None = None,
+              skip: Callable[[str, PolicyError], None] | None = None) -> Lane:
+    """Bind `full` and each spec to the checkpoint's model. A spec that does not apply to it raises
+    PolicyError, or, with `skip`, is left out of the lane and handed to `skip` with the error."""
+    model = checkpoint.model.eval()
+    context = PolicyContext(model, checkpoint.path, calibration)
+    pipelines = {}
+    for spec in dict.fromkeys([REFERENCE, *specs]):
+        try:
+            pipelines[spec] = parse_policy(spec, context)
+        except PolicyError as exc:
+            if skip is None or spec == REFERENCE:
+                raise
+            skip(spec, exc)
+    steps = {spec: ServingStep(model, pipeline, checkpoint.fingerprint) for spec, pipeline in pipelines.items()}
+    return Lane(checkpoint, pipelines, steps, {spec: Tally() for spec in pipelines})
+
+
+def replay(streams: list, plan: RequestPlan, lanes: list[Lane], progress: bool = True,
+           desc: str = "bench offline") -> None:
+    """Replay every user of `streams` through every lane's steps, filling their tallies. Each user's
+    requests are made once and replayed by every (lane, spec), users in the same order, so position i of
+    every tally's `ranks` is the same request."""
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(streams) * sum(len(lane.steps) for lane in lanes), desc=desc, unit="replay",
+               disable=not progress, mininterval=2.0)
+    for user in streams:
+        requests = plan.requests(user)
+        for lane in lanes:
+            reference = None
+            for spec, step in lane.steps.items():
+                bar.set_postfix_str(spec[:40], refresh=False)
+                scores = replay_user(step, user.prefix, requests, lane.tallies[spec], reference, user.user_index)
+                if spec == REFERENCE:
+                    reference = scores
+                bar.update()
+    bar.close()
+
+
+def replay_streams(dataset, events_per_request: int, max_users: int | None, min_prefix: int = 1) -> list:
+    """The users a replay scores: `dataset` (a models.data.Dataset, or a list of StreamUser) cut into prefix
+    and future, keeping those with more than one request's events after the prefix."""
+    from kvrec.models.data import stream_split
+
+    streams = dataset if isinstance(dataset, list) else stream_split(dataset, min_prefix=min_prefix, min_future=2)
+    return [s for s in streams if len(s.future) > events_per_request][:max_users]
+
+
+def seen_is_excluded(streams: list) -> bool:
+    """Whether the catalogue ranking excludes items already seen: when the data never repeats an item."""
+    from kvrec.models.evaluate import has_repeats
+
+    return not has_repeats([Events.cat([s.prefix, s.future]) for s in streams])
+
+
 def run_offline(checkpoint, dataset, specs: list[str], *, events_per_request: int = 10,
                 max_users: int | None = None, max_requests_per_user: int | None = None, negatives: int = 100,
                 seed: int = 0, min_prefix: int = 1, exclude_seen: bool | None = None, progress: bool = True,
@@ -249,37 +349,15 @@ def run_offline(checkpoint, dataset, specs: list[str], *, events_per_request: in
     request ranks the next item among `rank_candidates` sampled ones (0: no ranking); engagement labels come
     from the actions the checkpoint's training recorded as engagement.
     """
-    from kvrec.models.data import stream_split
-    from kvrec.models.evaluate import has_repeats
-    from tqdm import tqdm
-
-    streams = dataset if isinstance(dataset, list) else stream_split(dataset, min_prefix=min_prefix, min_future=2)
-    streams = [s for s in streams if len(s.future) > events_per_request][:max_users]
-    model = checkpoint.model.eval()
-    num_items = model.cfg.num_items
+    streams = replay_streams(dataset, events_per_request, max_users, min_prefix)
     if exclude_seen is None:
-        exclude_seen = not has_repeats([Events.cat([s.prefix, s.future]) for s in streams])
-    context = PolicyContext(model, checkpoint.path, [s.prefix for s in streams[:calibration_users]])
-    pipelines = {spec: parse_policy(spec, context) for spec in dict.fromkeys([REFERENCE, *specs])}
-    steps = {spec: ServingStep(model, pipeline, checkpoint.fingerprint) for spec, pipeline in pipelines.items()}
-    ranks = model.rank_head is not None and rank_candidates > 0
-    engaged = frozenset(checkpoint.info.get("engagement_actions", ()))
-    tallies = {spec: Tally() for spec in pipelines}
-    bar = tqdm(total=len(streams) * len(pipelines), desc="bench offline", unit="replay", disable=not progress,
-               mininterval=2.0)
-    for user in streams:
-        gen = torch.Generator().manual_seed(seed * 1_000_003 + user.user_index)
-        requests = user_requests(user.prefix, user.future, events_per_request, max_requests_per_user,
-                                 num_items, negatives, exclude_seen, gen, rank_candidates if ranks else 0, engaged,
-                                 torch.Generator().manual_seed((seed * 1_000_003 + user.user_index) * 2 + 1))
-        reference = None
-        for spec in pipelines:
-            bar.set_postfix_str(spec[:40], refresh=False)
-            scores = replay_user(steps[spec], user.prefix, requests, tallies[spec], reference, user.user_index)
-            if spec == REFERENCE:
-                reference = scores
-            bar.update()
-    bar.close()
+        exclude_seen = seen_is_excluded(streams)
+    lane = make_lane(checkpoint, specs, [s.prefix for s in streams[:calibration_users]])
+    plan = RequestPlan(events_per_request, max_requests_per_user, checkpoint.model.cfg.num_items, negatives,
+                       exclude_seen, seed, rank_candidates if lane.ranks else 0,
+                       frozenset(checkpoint.info.get("engagement_actions", ())))
+    replay(streams, plan, [lane], progress)
+    tallies = lane.tallies
     full_bytes = float(np.mean(tallies[REFERENCE].final_bytes))
-    return [{**summarize(pipelines[spec].spec, tallies[spec], full_bytes, len(streams)),
-             **versus_full(tallies[spec], tallies[REFERENCE])} for spec in pipelines if spec in specs]
+    return [{**summarize(lane.pipelines[spec].spec, tallies[spec], full_bytes, len(streams)),
+             **versus_full(tallies[spec], tallies[REFERENCE])} for spec in lane.pipelines if spec in specs]
