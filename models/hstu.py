@@ -15,7 +15,16 @@ import math
 
 import torch
 import torch.nn.functional as F
-from kvrec.models.recommender import KVAttention, ModelConfig, SequentialRecommender, log_bucket, time_bucket
+from kvrec.models.recommender import (
+    KVAttention,
+    LatentKV,
+    ModelConfig,
+    SequentialRecommender,
+    grouped_matmul,
+    log_bucket,
+    split_heads,
+    time_bucket,
+)
 from torch import Tensor, nn
 
 # The normalising constant stops growing at 256 events: LayerNorm follows, so a larger constant changes
@@ -25,32 +34,44 @@ NORM_CAP = 256
 
 
 class HSTUBlock(KVAttention):
+    """One HSTU layer. Its state is the keys and values of every event ("kv"; H_kv = cfg.kv_head_count
+    heads under grouped-query attention) or, with cfg.latent_dim, one latent per event from which K and
+    V are up-projected ("latent", `LatentKV`). The relative attention bias stays one per query head: it
+    is computed from positions and times at every extension, so sharing K/V heads leaves it untouched,
+    and a latent state needs no rotary key."""
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
         h = cfg.heads
+        kv = 0 if cfg.latent_dim else cfg.kv_head_count  # K/V heads projected from x (none: from the latent)
         self.norm_in = nn.LayerNorm(cfg.dim)
-        self.uvqk = nn.Linear(cfg.dim, h * (2 * cfg.d_v + 2 * cfg.d_k))
+        self.widths = [h * cfg.d_v, kv * cfg.d_v, h * cfg.d_k, kv * cfg.d_k]  # U, V, Q, K
+        self.uvqk = nn.Linear(cfg.dim, sum(self.widths))
+        self.latent = LatentKV(cfg, F.silu) if cfg.latent_dim else None
         self.norm_attn = nn.LayerNorm(h * cfg.d_v)
         self.out = nn.Linear(h * cfg.d_v, cfg.dim)
         self.pos_bias = nn.Parameter(torch.zeros(cfg.pos_buckets, h))
         self.time_bias = nn.Parameter(torch.zeros(cfg.time_buckets, h))
         self.drop = nn.Dropout(cfg.dropout)
 
-    def qkv(self, x: Tensor, pos: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    def project(self, x: Tensor, pos: Tensor) -> tuple[Tensor, dict[str, Tensor], Tensor]:
         cfg = self.cfg
-        b, n, _ = x.shape
-        u, v, q, k = F.silu(self.uvqk(self.norm_in(x))).split(
-            [cfg.heads * cfg.d_v, cfg.heads * cfg.d_v, cfg.heads * cfg.d_k, cfg.heads * cfg.d_k], dim=-1)
-        heads = lambda t: t.view(b, n, cfg.heads, -1).transpose(1, 2)  # [B, n, H*d] -> [B, H, n, d]
-        return heads(q), heads(k), heads(v), u
+        h = self.norm_in(x)
+        u, v, q, k = F.silu(self.uvqk(h)).split(self.widths, dim=-1)  # v, k empty under MLA
+        if self.latent is None:
+            cached = {"k": split_heads(k, cfg.kv_head_count), "v": split_heads(v, cfg.kv_head_count)}
+        else:
+            cached = {"c": self.latent.compress(h)}  # [B, 1, n, D_c]
+        return split_heads(q, cfg.heads), cached, u
 
     def logits(self, q, k, geometry):
         pos_bucket, time_bucket_ = geometry  # [B, n, T] each
         # F.embedding, not tensor indexing: on CUDA its backward reduces the B x n x T duplicates of a
         # few dozen buckets in parallel, where indexing's accumulate serialises them (70x slower here)
         rab = F.embedding(pos_bucket, self.pos_bias) + F.embedding(time_bucket_, self.time_bias)  # [B, n, T, H]
-        return (q / math.sqrt(self.cfg.d_k)) @ k.transpose(-1, -2) + rab.permute(0, 3, 1, 2)  # [B, H, n, T]
+        scores = grouped_matmul(q / math.sqrt(self.cfg.d_k), k.transpose(-1, -2))  # [B, H, n, T]
+        return scores + rab.permute(0, 3, 1, 2)
 
     def normalise(self, logits, key_weight, mask):
         key_scale = (key_weight / min(self.cfg.max_len, NORM_CAP))[:, None, None, :]  # [B, 1, 1, T]

@@ -1,18 +1,20 @@
 """What every backbone shares: embeddings, the block contract, forward/prefill/extend, scoring, top-k.
 
 A model is a stack of blocks, and each block owns its part of the user's state (models.state): what it
-keeps and how new events extend it. `KVAttention` is the block that caches keys and values (HSTU and
-SASRec): it turns its input into queries, keys and values, weighs keys for each query, and folds the
-weighted values back into the residual stream; the same three methods serve training (`forward`, the
-whole window at once with a causal mask) and serving (`extend`, only the new events, attending to the
-cached keys and values). Because nothing in a block depends on absolute position except through relative
-biases or rotary phases, `extend(prefill(h[:t]), h[t:])` equals `prefill(h)`: the invariant the whole
-service rests on (tests/test_exactness.py), for every block kind.
+keeps and how new events extend it. `KVAttention` is the block that caches keys and values, or, under
+multi-head latent attention, the latents they are made from (HSTU and SASRec): it turns its input into
+queries, keys and values, weighs keys for each query, and folds the weighted values back into the
+residual stream; the same methods serve training (`forward`, the whole window at once with a causal
+mask) and serving (`extend`, only the new events, attending to the cached keys and values). Because
+nothing in a block depends on absolute position except through relative biases or rotary phases,
+`extend(prefill(h[:t]), h[t:])` equals `prefill(h)`: the invariant the whole service rests on
+(tests/test_exactness.py), for every block kind.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any, ClassVar
 
@@ -191,20 +193,62 @@ class Block(nn.Module):
 
 
 class KVAttention(Block):
-    """A block that caches every event's key and value: the token state "kv" (k [H, T, d_k], v [H, T,
-    d_v]). Subclasses say how to project (`qkv`), how to weigh keys (`weights`) and how to fold the
-    attention output back (`output`); training and serving share all three."""
+    """A block that caches, for every event, what its keys and values are made from, and attends over it.
 
-    state_kind = "kv"
+    Two state layouts, one code path:
+    - "kv": the keys and values themselves, k [H_kv, T, d_k] and v [H_kv, T, d_v]. H_kv = cfg.kv_head_count:
+      every query head (the default) or, under grouped-query attention (Ainslie et al., EMNLP 2023),
+      fewer K/V heads, each read by a group of H / H_kv consecutive query heads (H_kv = 1: multi-query
+      attention, Shazeer 2019), so the state is H / H_kv times smaller;
+    - "latent" (multi-head latent attention, `LatentKV`): one latent per token, c [1, T, D_c], from which
+      every head's key and value are up-projected when they are needed, plus a model's decoupled rotary
+      key kr [1, T, d_r] where its positions are rotary.
+
+    Subclasses say how to project (`project`: the queries and what the state caches for new tokens), how
+    to weigh keys (`logits`, `normalise`) and how to fold the attention output back (`output`); training
+    (`forward`, via `qkv`) and serving (`extend`, `rank`) share all of them. `keys_values` turns what the
+    state caches into keys and values, `grouped_matmul` pairs each query head with its K/V head.
+    Attention statistics are reported on the state's own head axis (the first axis of its token tensors:
+    H_kv, or 1 for a latent), each the sum over the query heads that read it, so that a policy scoring
+    tokens by attention lines them up with what it evicts.
+    """
+
     cfg: ModelConfig
+    latent: LatentKV | None  # set by subclasses: MLA's key/value path, or None for a "kv" state
 
-    def qkv(self, x: Tensor, pos: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """x [B, n, D], pos [B, n] -> q, k [B, H, n, d_k], v [B, H, n, d_v], ctx (for `output`)."""
+    @property
+    def state_kind(self) -> str:
+        return "kv" if self.latent is None else "latent"
+
+    def project(self, x: Tensor, pos: Tensor) -> tuple[Tensor, dict[str, Tensor], Tensor]:
+        """x [B, n, D], pos [B, n] -> queries q [B, H, n, d_q], what the state caches for these tokens
+        (token tensors by name, [B, G, n, d] each) and ctx (for `output`)."""
         raise NotImplementedError
 
+    def keys_values(self, cached: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """What the state caches (token tensors [B, G, T, d] by name) -> keys [B, H_kv, T, d_q] and values
+        [B, H_kv, T, d_v]: the cache itself for a "kv" state; for a latent one, every head's key and value
+        up-projected from the latents, the shared rotary key appended to each head's key."""
+        if self.latent is None:
+            return cached["k"], cached["v"]
+        k, v = self.latent.expand(cached["c"])  # [B, H, T, d_k], [B, H, T, d_v]
+        if "kr" in cached:
+            k = torch.cat([k, cached["kr"].expand(-1, k.shape[1], -1, -1)], dim=-1)  # [B, H, T, d_k + d_r]
+        return k, v
+
+    def expansion_macs(self, tokens: int) -> int:
+        """Multiply-accumulates of `keys_values` over `tokens` cached tokens (the up-projection, if any)."""
+        return 0 if self.latent is None else self.latent.macs(tokens)
+
+    def qkv(self, x: Tensor, pos: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """x [B, n, D], pos [B, n] -> q [B, H, n, d_q], k [B, H_kv, n, d_q], v [B, H_kv, n, d_v], ctx."""
+        q, cached, ctx = self.project(x, pos)
+        return (q, *self.keys_values(cached), ctx)
+
     def logits(self, q: Tensor, k: Tensor, geometry) -> Tensor:
-        """Attention logits [B, H, n, T]. q [B, H, n, d_k], k [B, H, T, d_k]; geometry: what the model's
-        `geometry` derived from relative positions and times ([B, n, T] layouts)."""
+        """Attention logits [B, H, n, T]. q [B, H, n, d_q], k [B, H_kv, T, d_q] (H_kv divides H, see
+        `grouped_matmul`); geometry: what the model's `geometry` derived from relative positions and times
+        ([B, n, T] layouts)."""
         raise NotImplementedError
 
     def normalise(self, logits: Tensor, key_weight: Tensor, mask: Tensor) -> Tensor:
@@ -223,27 +267,30 @@ class KVAttention(Block):
     def forward(self, x: Tensor, window: Window) -> Tensor:
         q, k, v, ctx = self.qkv(x, window.pos)
         w = self.weights(q, k, window.geometry, window.valid.to(x.dtype), window.mask)
-        return self.output(x, w @ v, ctx)
+        return self.output(x, grouped_matmul(w, v), ctx)
 
     def empty_state(self, device: torch.device) -> LayerState:
-        cfg = self.cfg
-        return LayerState({"k": torch.zeros(cfg.heads, 0, cfg.d_k, device=device),
-                           "v": torch.zeros(cfg.heads, 0, cfg.d_v, device=device)})
+        """No tokens, in the layout `project` caches (so the layout is declared in one place)."""
+        x = torch.zeros(1, 0, self.cfg.dim, device=device)
+        _, cached, _ = self.project(x, torch.zeros(1, 0, dtype=torch.long, device=device))
+        return LayerState({name: t[0] for name, t in cached.items()})
 
     def extend(self, x: Tensor, part: LayerState, ext: Extension) -> tuple[Tensor, LayerState, LayerStats]:
         cfg, n = self.cfg, x.shape[1]
-        q, k, v, ctx = self.qkv(x, ext.q_pos[None])
-        keys = torch.cat([part.tokens["k"], k[0]], dim=1)  # [H, T, d_k], T = T_cached + n
-        values = torch.cat([part.tokens["v"], v[0]], dim=1)  # [H, T, d_v]
-        k_pos = torch.cat([part.pos, ext.q_pos])  # [T]
+        q, new, ctx = self.project(x, ext.q_pos[None])  # q [1, H, n, d_q]; new: name -> [1, G, n, d]
+        tokens = {name: torch.cat([part.tokens[name], t[0]], dim=1) for name, t in new.items()}  # [G, T, d]
+        k, v = self.keys_values({name: t[None] for name, t in tokens.items()})  # [1, H_kv, T, d_q], [1, H_kv, T, d_v]
+        k_pos = torch.cat([part.pos, ext.q_pos])  # [T], T = T_cached + n
         k_ts = torch.cat([part.ts, ext.ts])
-        k_weight = torch.cat([part.weight, torch.ones(n, device=x.device, dtype=keys.dtype)])
+        k_weight = torch.cat([part.weight, torch.ones(n, device=x.device, dtype=k.dtype)])
         mask = (ext.q_pos[:, None] >= k_pos[None, :])[None]  # [1, n, T]
-        w = self.weights(q, keys[None], ext.geometry(k_pos, k_ts), k_weight[None], mask)  # [1, H, n, T]
-        x = self.output(x, w @ values[None], ctx)
-        stats = LayerStats(w[0].abs().sum(1), w[0, :, -cfg.obs_window:].abs(),
-                           cfg.heads * n * keys.shape[1] * (cfg.d_k + cfg.d_v))
-        return x, LayerState({"k": keys, "v": values}, k_pos, k_ts, k_weight), stats
+        w = self.weights(q, k, ext.geometry(k_pos, k_ts), k_weight[None], mask)  # [1, H, n, T]
+        x = self.output(x, grouped_matmul(w, v), ctx)
+        t = k_pos.shape[0]
+        by_state_head = per_state_head(w[0], next(iter(tokens.values())).shape[0])  # [G, n, T]
+        macs = cfg.heads * n * t * (q.shape[-1] + v.shape[-1]) + self.expansion_macs(t)
+        stats = LayerStats(by_state_head.sum(1), by_state_head[:, -cfg.obs_window:], macs)
+        return x, LayerState(tokens, k_pos, k_ts, k_weight), stats
 
     def rank(self, x: Tensor, part: LayerState, ext: Extension) -> Tensor:
         """Target tokens x [1, C, D] against this layer's cached tokens -> their output [1, C, D].
@@ -252,17 +299,75 @@ class KVAttention(Block):
         candidates cost C x T key reads and are independent of how they are batched. All targets share
         one position and time (ext.q_pos, ext.ts: [1]), so their geometry against the cache is computed
         once and broadcast. The cached logits [1, H, C, T] and each target's logit on its own key
-        [1, H, C, 1] are normalised together (a softmax needs both), then the values are folded in."""
-        q, k, v, ctx = self.qkv(x, ext.q_pos[None])  # [1, H, C, d]
-        cached = self.logits(q, part.tokens["k"][None], ext.geometry(part.pos, part.ts))  # [1, H, C, T]
+        [1, H, C, 1] (the targets moved to the batch axis, one key each) are normalised together (a
+        softmax needs both), then the values are folded in."""
+        q, new, ctx = self.project(x, ext.q_pos[None])  # q [1, H, C, d_q]; new: name -> [1, G, C, d]
+        k, v = self.keys_values({name: t[None] for name, t in part.tokens.items()})  # [1, H_kv, T, d]
+        own_k, own_v = (t.transpose(0, 2) for t in self.keys_values(new))  # [C, H_kv, 1, d]
+        cached = self.logits(q, k, ext.geometry(part.pos, part.ts))  # [1, H, C, T]
         zero = torch.zeros(1, 1, 1, dtype=torch.long, device=x.device)  # distance and gap to itself
-        own = self.logits(q.transpose(0, 2), k.transpose(0, 2), ext.geometry_of(zero, zero))  # [C, H, 1, 1]
+        own = self.logits(q.transpose(0, 2), own_k, ext.geometry_of(zero, zero))  # [C, H, 1, 1]
         logits = torch.cat([cached, own.transpose(0, 2)], dim=-1)  # [1, H, C, T + 1]
         key_weight = torch.cat([part.weight, part.weight.new_ones(1)])[None]  # [1, T + 1]
         sees_all = torch.ones(1, 1, 1, dtype=torch.bool, device=x.device)  # [1, 1, 1], broadcast
         w = self.normalise(logits, key_weight, sees_all)
-        attn = w[..., :-1] @ part.tokens["v"][None] + w[..., -1:] * v  # [1, H, C, d_v]
-        return self.output(x, attn, ctx)
+        own_attn = grouped_matmul(w[..., -1:].transpose(0, 2), own_v).transpose(0, 2)  # [1, H, C, d_v]
+        return self.output(x, grouped_matmul(w[..., :-1], v) + own_attn, ctx)
+
+
+class LatentKV(nn.Module):
+    """Multi-head latent attention's key/value path (DeepSeek-V2, arXiv 2405.04434, section 2.1.2): a
+    token caches one latent c = W_DKV x of width D_c = cfg.latent_dim instead of H (d_k + d_v) numbers,
+    and every head's key and value are up-projected from it, k^C = W_UK c and v = W_UV c (through `act`,
+    the block's activation: HSTU's SiLU, so K and V stay HSTU's SiLU(W x) with W factored in two).
+
+    Serving up-projects the cached latents at every `extend` and `rank` (counted in `macs`), rather than
+    using the paper's absorbed form (W_UK folded into the queries, W_UV into the output projection):
+    HSTU's SiLU sits between the up-projection and the attention, so there nothing can be absorbed, and
+    one form for both models keeps training and serving on the same code. No biases, as in the paper.
+    A rotary model keeps positions out of c (a rotary phase would not commute with W_UK) and adds the
+    paper's decoupled rotary key itself (SASRec's "kr")."""
+
+    def __init__(self, cfg: ModelConfig, act: Callable[[Tensor], Tensor] = lambda t: t):
+        super().__init__()
+        self.cfg, self.act = cfg, act
+        self.down = nn.Linear(cfg.dim, cfg.latent_dim, bias=False)  # W_DKV
+        self.up = nn.Linear(cfg.latent_dim, cfg.heads * (cfg.d_k + cfg.d_v), bias=False)  # [W_UK; W_UV]
+
+    def compress(self, h: Tensor) -> Tensor:
+        """Normalised input h [B, n, D] -> the latents the state caches, c [B, 1, n, D_c]."""
+        return self.down(h)[:, None]
+
+    def expand(self, c: Tensor) -> tuple[Tensor, Tensor]:
+        """Latents c [B, 1, T, D_c] -> keys [B, H, T, d_k] and values [B, H, T, d_v]."""
+        cfg = self.cfg
+        k, v = self.act(self.up(c[:, 0])).split([cfg.heads * cfg.d_k, cfg.heads * cfg.d_v], dim=-1)
+        return split_heads(k, cfg.heads), split_heads(v, cfg.heads)
+
+    def macs(self, tokens: int) -> int:
+        """Multiply-accumulates of `expand` over `tokens` latents."""
+        cfg = self.cfg
+        return tokens * cfg.latent_dim * cfg.heads * (cfg.d_k + cfg.d_v)
+
+
+def split_heads(t: Tensor, heads: int) -> Tensor:
+    """[B, n, heads * d] -> [B, heads, n, d] (n may be 0, hence no -1 in the view)."""
+    return t.view(*t.shape[:-1], heads, t.shape[-1] // heads).transpose(-3, -2)
+
+
+def grouped_matmul(a: Tensor, b: Tensor) -> Tensor:
+    """a [B, H, n, m] @ b [B or 1, H_kv, m, p] -> [B, H, n, p], query head h paired with K/V head
+    h // (H / H_kv). Each group's query heads are stacked on the row axis, so no K/V head is copied:
+    scores are grouped_matmul(q, k^T), attention outputs grouped_matmul(weights, v)."""
+    batch, heads, n, m = a.shape
+    kv_heads = b.shape[1]
+    return (a.reshape(batch, kv_heads, heads // kv_heads * n, m) @ b).view(batch, heads, n, -1)
+
+
+def per_state_head(w: Tensor, heads: int) -> Tensor:
+    """Attention weights of the query heads, w [H, ...] -> their magnitudes summed over the query heads
+    that read each of the state's `heads` heads [heads, ...] (H / heads consecutive query heads each)."""
+    return w.abs().reshape(heads, -1, *w.shape[1:]).sum(1)
 
 
 class SequentialRecommender(nn.Module):
@@ -359,8 +464,10 @@ class SequentialRecommender(nn.Module):
         dev = self.item_emb.weight.device
         n = len(events)
         if n == 0:  # nothing to fold in: the same state, and no key received any attention
-            zeros = [torch.zeros(self.cfg.heads, part.num_tokens, device=dev) for part in state.layers]  # [H, T_l]
-            window = [z.new_zeros(z.shape[0], 0, z.shape[1]) for z in zeros]  # [H, 0, T_l]
+            heads = [next(iter(part.tokens.values())).shape[0] if part.tokens else self.cfg.heads
+                     for part in state.layers]  # each layer's head axis of statistics (see KVAttention)
+            zeros = [torch.zeros(g, part.num_tokens, device=dev) for g, part in zip(heads, state.layers)]  # [G, T_l]
+            window = [z.new_zeros(z.shape[0], 0, z.shape[1]) for z in zeros]  # [G, 0, T_l]
             return state, state.last_hidden, AttentionStats(zeros, window)
         items, ts, actions = (t.to(dev) for t in (events.items, events.ts, events.actions))
         ext = self.extension(state.events_consumed + torch.arange(n, device=dev), ts, actions)

@@ -11,7 +11,14 @@ from __future__ import annotations
 import math
 
 import torch
-from kvrec.models.recommender import KVAttention, ModelConfig, SequentialRecommender
+from kvrec.models.recommender import (
+    KVAttention,
+    LatentKV,
+    ModelConfig,
+    SequentialRecommender,
+    grouped_matmul,
+    split_heads,
+)
 from torch import Tensor, nn
 
 
@@ -26,30 +33,48 @@ def rotate(x: Tensor, pos: Tensor, base: float = 10000.0) -> Tensor:
 
 
 class SASRecBlock(KVAttention):
+    """One SASRec layer. Its state is the rotated keys and the values of every event ("kv"; H_kv =
+    cfg.kv_head_count heads under grouped-query attention) or, with cfg.latent_dim, DeepSeek-V2's
+    multi-head latent attention ("latent"): per event the latent c [1, T, D_c] (`LatentKV`) and one
+    rotary key k^R = RoPE(W_KR x) [1, T, d_r] shared by the heads. Each head's query is then
+    [q^C; RoPE(q^R)] and its key [W_UK c; k^R], so q.k = q^C.k^C + q^R.k^R over sqrt(d_k + d_r): the
+    content parts carry no rotary phase (it would not commute with the up-projection) and positions
+    enter through the rotary parts alone. Queries are projected directly, not through the paper's
+    compressed query latent: that saves training activations, not state, which is what kvrec measures."""
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
-        h = cfg.heads
+        h, kv = cfg.heads, cfg.kv_head_count
         self.norm_attn = nn.LayerNorm(cfg.dim)
         self.q = nn.Linear(cfg.dim, h * cfg.d_k)
-        self.k = nn.Linear(cfg.dim, h * cfg.d_k)
-        self.v = nn.Linear(cfg.dim, h * cfg.d_v)
+        if cfg.latent_dim:
+            self.latent = LatentKV(cfg)
+            self.q_rope = nn.Linear(cfg.dim, h * cfg.rope_dim)  # W_QR: each head's rotary query
+            self.k_rope = nn.Linear(cfg.dim, cfg.rope_dim)  # W_KR: the rotary key shared by the heads
+        else:
+            self.latent = None
+            self.k = nn.Linear(cfg.dim, kv * cfg.d_k)
+            self.v = nn.Linear(cfg.dim, kv * cfg.d_v)
         self.out = nn.Linear(h * cfg.d_v, cfg.dim)
         self.norm_ffn = nn.LayerNorm(cfg.dim)
         self.ffn = nn.Sequential(nn.Linear(cfg.dim, cfg.dim), nn.GELU(), nn.Dropout(cfg.dropout),
                                  nn.Linear(cfg.dim, cfg.dim))
         self.drop = nn.Dropout(cfg.dropout)
 
-    def qkv(self, x: Tensor, pos: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        b, n, _ = x.shape
+    def project(self, x: Tensor, pos: Tensor) -> tuple[Tensor, dict[str, Tensor], Tensor]:
+        cfg = self.cfg
         h = self.norm_attn(x)
-        heads = lambda t: t.view(b, n, self.cfg.heads, -1).transpose(1, 2)  # [B, n, H*d] -> [B, H, n, d]
-        q = rotate(heads(self.q(h)), pos)
-        k = rotate(heads(self.k(h)), pos)
-        return q, k, heads(self.v(h)), x
+        q = split_heads(self.q(h), cfg.heads)  # [B, H, n, d_k]
+        if self.latent is None:
+            return rotate(q, pos), {"k": rotate(split_heads(self.k(h), cfg.kv_head_count), pos),
+                                    "v": split_heads(self.v(h), cfg.kv_head_count)}, x
+        q_rope = rotate(split_heads(self.q_rope(h), cfg.heads), pos)  # [B, H, n, d_r]
+        k_rope = rotate(self.k_rope(h)[:, None], pos)  # [B, 1, n, d_r]
+        return torch.cat([q, q_rope], dim=-1), {"c": self.latent.compress(h), "kr": k_rope}, x
 
     def logits(self, q, k, geometry):
-        return (q / math.sqrt(self.cfg.d_k)) @ k.transpose(-1, -2)  # [B, H, n, T]
+        return grouped_matmul(q / math.sqrt(q.shape[-1]), k.transpose(-1, -2))  # [B, H, n, T]
 
     def normalise(self, logits, key_weight, mask):
         logits = logits + key_weight.clamp(min=1e-30).log()[:, None, None, :]  # a merged key counts w times
