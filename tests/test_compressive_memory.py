@@ -105,11 +105,17 @@ def check_token_policies_on_the_window(model, window: int) -> None:
     whose budget holds the whole window changes nothing."""
     events = history(70, seed=7)
     exact = model.prefill(events)[1]
-    for spec in ("h2o:budget=3", "merge:budget=3", "window:budget=64"):
+    for spec in ("h2o:budget=3", "merge:budget=3,threshold=-1", "window:budget=64"):
         pipeline = parse_policy(spec, PolicyContext(model=model))
         state, summaries = model.empty_state(), []
         for start in range(0, 70, 5):
+            before = state
             state, hidden, stats = model.extend(state, events[start:start + 5])
+            for name, per_layer in before.extras.items():  # carried per position as the window slides
+                for old, new, part_old, part_new in zip(per_layer, state.extras[name], before.layers, state.layers):
+                    was = dict(zip(part_old.pos.tolist(), old.unbind(-1)))
+                    for pos, value in zip(part_new.pos.tolist(), new.unbind(-1)):
+                        assert torch.equal(value, was.get(pos, torch.zeros_like(value))), (name, pos)
             state = decode_state(encode_state(pipeline.compress(state, stats), pipeline, "m"), pipeline, "m")
             for layer, part in enumerate(state.layers):
                 assert part.num_tokens <= min(3 if "budget=3" in spec else window, window)
@@ -199,6 +205,35 @@ def test_the_memory_holds_exactly_the_events_older_than_the_window():
     torch.testing.assert_close(part.fixed["mem"], sigma(k[0, :, old]).transpose(1, 2) @ v[0, :, old])
     torch.testing.assert_close(part.fixed["norm"], sigma(k[0, :, old]).sum(1))
     torch.testing.assert_close(part.tokens["k"], k[0, :, 30 - W:])
+
+
+def test_an_open_gate_retrieves_the_mean_value_of_exactly_the_older_events():
+    """One layer, gate open (sigmoid(30) = 1): the last event at position p reads only the memory of the
+    events before p - W. When those are one repeated event, retrieval sigma(q) M / sigma(q) z is that
+    event's value exactly: not normalised by z it would be 20 times it, and an event of the window also
+    folded in (or the window's oldest left out) would pull it away."""
+    model = tiny(layers=1)
+    block = model.blocks[0]
+    with torch.no_grad():
+        block.beta.fill_(30.0)
+    recent = history(W + 1, seed=9)
+    events = Events.of(torch.cat([torch.full((20,), 5), recent.items]), ts=torch.arange(21 + W) * 60)
+    with torch.no_grad():
+        x = model.embed(events.items, events.actions)[None]  # [1, n, D]
+        _, _, v, u = block.qkv(x, None)
+        expected = model.final_norm(block.output(x[:, -1:], v[:, :, :1], u[:, -1:]))[0, 0]
+    torch.testing.assert_close(model.prefill(events, chunk=5)[1], expected, atol=1e-5, rtol=0)
+
+
+def test_a_merged_token_enters_the_memory_as_often_as_it_counts():
+    """A token policy's merged token (weight 3) folds in as three copies of itself would."""
+    block = tiny().blocks[0]
+    summary = block.empty_summary(torch.device("cpu"))
+    k, v = torch.randn(2, 2, 8), torch.randn(2, 2, 8)  # [H, e, d]
+    merged = block.fold(summary, k, v, torch.tensor([3.0, 1.0]))
+    copies = block.fold(summary, k[:, [0, 0, 0, 1]], v[:, [0, 0, 0, 1]], torch.ones(4))
+    for name in merged:
+        torch.testing.assert_close(merged[name], copies[name])
 
 
 def test_the_gate_chooses_between_memory_and_window():

@@ -4,6 +4,8 @@ exact-window checks of tests/test_compressive_memory.py, and the slots pinned to
 from __future__ import annotations
 
 import torch
+from kvrec.compression import parse_policy
+from kvrec.compression.base import PolicyContext
 from kvrec.models.hstu import HSTU
 from kvrec.models.recommender import ModelConfig
 from kvrec.models.registry import build_model
@@ -80,6 +82,22 @@ def test_slots_of_identical_events_stand_for_those_events():
     recent = history(W, seed=9).items
     events = Events.of(torch.cat([same, recent]), ts=torch.arange(20 + W) * 60)
     torch.testing.assert_close(model.prefill(events)[1], plain.prefill(events)[1], atol=1e-5, rtol=0)
+
+
+def test_merged_tokens_keep_their_multiplicity_in_the_slots():
+    """Under a merge that drops nothing, every event is counted once: in a window token's weight or in
+    the slots' soft counts (a fold that ignored a merged token's weight would lose events)."""
+    model = tiny()
+    pipeline = parse_policy("merge:budget=3,recent=1,threshold=-1", PolicyContext(model=model))
+    events, state, merged_out = history(40, seed=10), model.empty_state(), 0
+    for start in range(0, 40, 3):
+        leaving = [part.weight[part.pos < start + 3 - W] for part in state.layers]  # folded by this extend
+        merged_out += sum(int((w > 1).sum()) for w in leaving)
+        state, _, stats = model.extend(state, events[start:start + 3])
+        state = pipeline.compress(state, stats)
+    assert merged_out > 0  # merged tokens did reach the slots
+    for part in state.layers:
+        torch.testing.assert_close(part.fixed["slot_n"].sum(-1) + part.weight.sum(), torch.full((2,), 40.0))
 
 
 def test_the_state_is_the_window_and_fixed_tensors():
