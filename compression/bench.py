@@ -179,7 +179,7 @@ def rank_request(step: ServingStep, out, req: Request, tally: Tally, user: int) 
         tally.engage_user.append(user)
 
 
-def _gains(ranks: list[int]) -> np.ndarray:
+def ndcg_gains(ranks: list[int]) -> np.ndarray:
     """NDCG@10 of each 0-based rank of one relevant item."""
     r = np.asarray(ranks)
     return np.where(r < 10, 1.0 / np.log2(r + 2), 0.0)
@@ -189,7 +189,7 @@ def _at_10(ranks: list[int]) -> tuple[float | None, float | None]:
     """NDCG@10 and HR@10 of 0-based ranks; None when nothing was ranked."""
     if not ranks:
         return None, None
-    return float(_gains(ranks).mean()), float((np.asarray(ranks) < 10).mean())
+    return float(ndcg_gains(ranks).mean()), float((np.asarray(ranks) < 10).mean())
 
 
 def versus_full(tally: Tally, full: Tally) -> dict:
@@ -198,7 +198,7 @@ def versus_full(tally: Tally, full: Tally) -> dict:
     row = {}
     for key, mine, ref, users in (("ndcg@10", tally.ranks, full.ranks, tally.rank_user),
                                   ("rank_ndcg@10", tally.head_ranks, full.head_ranks, tally.head_user)):
-        d = paired_difference(list(_gains(ref)), list(_gains(mine)), users) if mine else None
+        d = paired_difference(list(ndcg_gains(ref)), list(ndcg_gains(mine)), users) if mine else None
         row[f"{key}_vs_full"] = None if d is None else d.relative
         row[f"{key}_vs_full_ci95"] = None if d is None else list(d.ci95)
     return row
@@ -206,7 +206,7 @@ def versus_full(tally: Tally, full: Tally) -> dict:
 
 def summarize(spec: str, tally: Tally, full_bytes: float | None, users: int) -> dict:
     ranks = np.asarray(tally.ranks)
-    gains = _gains(tally.ranks)
+    gains = ndcg_gains(tally.ranks)
     b = np.asarray(tally.final_bytes, dtype=float)
     stored = bool(b.any())
     ms = {stage: float(np.mean(v)) if v else 0.0 for stage, v in tally.ms.items()}

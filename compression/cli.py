@@ -1,4 +1,5 @@
-"""`kvrec bench offline`: registered by the compression package; heavy imports stay in the handler.
+"""`kvrec bench offline` and `kvrec bench levels`: registered by the compression package; heavy imports stay
+in the handlers.
 
 Also the policy-list pieces every command that takes several policies shares (`bench offline`, `bench
 serve`, `sweep`): the default list, its parser and the check of each spec against the served model.
@@ -6,7 +7,7 @@ serve`, `sweep`): the default list, its parser and the check of each spec agains
 
 from __future__ import annotations
 
-from kvrec.models.cli import UsageError, at_least, fraction, positive_int
+from kvrec.models.cli import UsageError, at_least, fraction, int_list, positive_int
 from kvrec.models.data_cli import add_layout_arguments
 
 DEFAULT_POLICIES = "full;int8;kivi:bits=2;h2o:budget=256;recompute"
@@ -72,6 +73,7 @@ def register_bench(bench_sub) -> None:
     p.add_argument("--threads", type=positive_int, default=None,
                    help="torch intra-op threads (default: torch's choice)")
     p.set_defaults(func=offline)
+    register_levels(bench_sub)
 
 
 def offline(args) -> int:
@@ -105,5 +107,95 @@ def offline(args) -> int:
              f"{args.events_per_request} events/request")
     out = write_results(rows, args.out, title)
     print(markdown_table(rows))
+    print(f"wrote {out}/results.json, results.csv, results.md, pareto.png")
+    return 0
+
+
+DEFAULT_LEVEL_POLICIES = "full;int8;kivi:bits=2;h2o:budget=256+int8"
+
+
+def model_list(text: str) -> list[str]:
+    """`base.ckpt,gqa.ckpt` -> the paths, in order (an argparse `type=`); the first is the base."""
+    import argparse
+
+    paths = [p.strip() for p in text.split(",") if p.strip()]
+    if not paths:
+        raise argparse.ArgumentTypeError("no checkpoints given; use e.g. base.ckpt,gqa2.ckpt")
+    return paths
+
+
+def register_levels(bench_sub) -> None:
+    p = bench_sub.add_parser(
+        "levels", help="MALLOC's levels in one table: trained variants and post-hoc policies on the same requests",
+        description="Replay the same users' requests through every model of --models (the base first, then "
+                    "trained variants: grouped-query, latent, recurrent, memory, slots) under `full` and each "
+                    "post-hoc policy that applies to it, and compare every row's NDCG@10 with the base model's "
+                    "`full`, request by request (relative difference, bootstrap s.e. and 95% interval over "
+                    "users). Sizes: the mean stored state of the replay, and the blob after --lengths events "
+                    "of one fixed stream served in --growth-request requests. Writes results.json, results.csv, "
+                    "results.md and pareto.png to --out and prints the table.")
+    p.add_argument("--models", type=model_list, required=True,
+                   help="comma-separated checkpoints trained on one dataset; the first is the base every row is "
+                        "compared with")
+    p.add_argument("--dataset", required=True, help="the dataset the models were trained on (name, path or synth "
+                   "spec, as `kvrec train`)")
+    add_layout_arguments(p)
+    p.add_argument("--policies", default=DEFAULT_LEVEL_POLICIES,
+                   help='";"-separated post-hoc policy specs applied to each model where they apply (`full` always '
+                        "runs)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--events-per-request", type=positive_int, default=10, help="events sent per request")
+    p.add_argument("--max-users", type=positive_int, default=None, help="replay at most this many users "
+                   "(default: all)")
+    p.add_argument("--max-requests-per-user", type=positive_int, default=None,
+                   help="replay at most this many requests per user (default: the whole future)")
+    p.add_argument("--negatives", type=positive_int, default=100,
+                   help="sampled negatives per request (GAUC, Recall@10)")
+    p.add_argument("--fraction", type=fraction, default=0.5,
+                   help="share of each history pre-loaded as the prefix, 0..1")
+    p.add_argument("--lengths", type=int_list, default="1000,10000",
+                   help="event counts at which the state size is measured, comma-separated")
+    p.add_argument("--growth-request", type=positive_int, default=100,
+                   help="events per request while growing a state to --lengths (the policy runs after each)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the negative sampling")
+    p.add_argument("--threads", type=positive_int, default=None,
+                   help="torch intra-op threads (default: torch's choice)")
+    p.set_defaults(func=levels)
+
+
+def levels(args) -> int:
+    import torch
+    from kvrec.compression.bench_levels import INTERVAL, check_same_dataset, labels_of, run_levels
+    from kvrec.compression.report import levels_table, write_levels
+    from kvrec.models.checkpoint import load_checkpoint
+    from kvrec.models.data import load_dataset, stream_split
+
+    specs = parse_policy_list(args.policies)
+    check_policies(specs)  # a typo fails here, before the models and the data are loaded
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    checkpoints = [load_checkpoint(path) for path in args.models]
+    labels = labels_of(args.models)
+    check_same_dataset(checkpoints, labels)
+    dataset = load_dataset(args.dataset, format=args.format, columns=args.columns)
+    if dataset.item_ids != checkpoints[0].item_ids:
+        raise UsageError(f"the item ids of {dataset.name} differ from the models'; give the dataset "
+                         f"{args.models[0]} was trained on")
+    streams = stream_split(dataset, fraction=args.fraction, min_future=args.events_per_request + 1)
+    rows = run_levels(checkpoints, streams, specs, labels=labels, events_per_request=args.events_per_request,
+                      max_users=args.max_users, max_requests_per_user=args.max_requests_per_user,
+                      negatives=args.negatives, seed=args.seed, lengths=args.lengths,
+                      growth_request=args.growth_request)
+    done = next(r for r in rows if not r.get("skipped"))
+    title = (f"MALLOC levels against {labels[0]} `full` on {args.dataset}\n{done['users']} users, "
+             f"{done['requests']} requests of {args.events_per_request} events")
+    lengths = ", ".join(f"{n:,}" for n in sorted(set(args.lengths)))
+    notes = (f"NDCG@10 vs base: paired per request against {labels[0]} `full`; {INTERVAL}. Sizes at {lengths} "
+             f"events: one fixed stream (the longest replayed user's history, cycled) served in requests of "
+             f"{args.growth_request} events, the policy applied after each, then encoded. Ratios are against "
+             f"{labels[0]} `full`. target: the replay-mean ratio is >= 8 (32) and the interval's lower bound "
+             ">= -1% (-5%).")
+    out = write_levels(rows, args.out, title, notes)
+    print(levels_table(rows))
     print(f"wrote {out}/results.json, results.csv, results.md, pareto.png")
     return 0
