@@ -37,6 +37,7 @@ import numpy as np
 import torch
 from kvrec.compression import bench
 from kvrec.compression.bench import REFERENCE, Lane
+from kvrec.compression.spec import parse_policy
 from kvrec.compression.step import ServingStep
 from kvrec.models.cli import UsageError
 from kvrec.models.state import Events
@@ -176,7 +177,8 @@ def run_levels(checkpoints: list, dataset, specs: list[str], *, labels: list[str
                     "level": LEVELS[level.checkpoint.fingerprint != base_fingerprint, spec != REFERENCE],
                     "path": str(level.checkpoint.path or "")}
             if spec in level.skipped:
-                rows.append({**head, "policy": spec, "skipped": True, "note": f"skipped: {level.skipped[spec]}"})
+                rows.append({**head, "policy": parse_policy(spec).spec, "skipped": True,
+                             "note": f"skipped: {level.skipped[spec]}"})
                 continue
             tally = lane.tallies[spec]
             row = {**head, **bench.summarize(lane.pipelines[spec].spec, tally, base_bytes, len(streams)),
