@@ -233,6 +233,33 @@ def test_hstu_mla_is_hstu_with_its_kv_projection_factored():
         torch.testing.assert_close(stats.window[layer], base_stats.window[layer].sum(0, keepdim=True))
 
 
+def test_sasrec_latent_positions_enter_through_the_rotary_key_alone():
+    """The latent carries no position (so it can be up-projected anywhere): relative positions come from
+    the rotary query and key parts, so a history at other absolute positions gives the same hidden,
+    while reordering it does not."""
+    model, events = tiny("sasrec", "mla"), history(20)
+    _, hidden, _ = model.prefill(events)
+    later = dataclasses.replace(model.empty_state(), events_consumed=1000)  # the same events at 1000..1019
+    torch.testing.assert_close(model.extend(later, events)[1], hidden, atol=1e-5, rtol=0)
+    order = torch.cat([torch.randperm(19, generator=torch.Generator().manual_seed(0)), torch.tensor([19])])
+    shuffled = Events(events.items[order], events.ts, events.actions[order])  # same last event, others moved
+    assert not torch.allclose(model.prefill(shuffled)[1], hidden, atol=1e-3)
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+@pytest.mark.parametrize("kind", KINDS)
+def test_macs_count_attention_and_the_up_projection(kind, variant):
+    """GQA reads fewer K/V heads but does the multiply-adds of every query head; MLA also up-projects
+    every cached latent at each extension."""
+    model = tiny(kind, variant)
+    cfg = model.cfg
+    state, _, _ = model.prefill(history(30)[:22])
+    macs = model.extend(state, history(30)[22:])[2].macs  # 8 new queries against 30 keys, per layer
+    d_q = D + (cfg.rope_dim if kind == "sasrec" and cfg.latent_dim else 0)
+    per_layer = HEADS * 8 * 30 * (d_q + D) + 30 * cfg.latent_dim * HEADS * 2 * D
+    assert macs == cfg.layers * per_layer
+
+
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 @pytest.mark.parametrize("kind", KINDS)
 def test_attention_statistics_follow_the_states_head_axis(kind, variant):
