@@ -84,11 +84,13 @@ def quantize_asym(x: Tensor, dim: int, bits: int) -> tuple[Tensor, Tensor, Tenso
     return q.to(torch.int8).view(torch.uint8), scale, lo
 
 
-def dequantize_asym(q: Tensor, scale: Tensor, zero: Tensor) -> Tensor:
+def dequantize_asym(q: Tensor, scale: Tensor, zero: Tensor, out: Tensor | None = None) -> Tensor:
     """q * scale + zero in float32 (broadcasting), as two correctly rounded operations, so that the
     same code, scale and zero give the same value whatever the tensor's shape (a fused multiply-add in
-    a vectorised body but not in its scalar tail would not): KIVI recognises a key it stored this way."""
-    return q.float().mul_(scale.float()).add_(zero.float())
+    a vectorised body but not in its scalar tail would not): KIVI recognises a key it stored this way.
+    The codes convert to float inside the multiplication (exactly: they are small integers), written
+    into `out` (a view of the result's shape, e.g. a slice of a larger tensor) when given."""
+    return torch.mul(q, scale.float(), out=out).add_(zero.float())
 
 
 def absmax_scale(x: Tensor, limit: float) -> Tensor:

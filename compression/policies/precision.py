@@ -49,13 +49,15 @@ def quantize_tokens(x: Tensor, bits: int, group: int) -> dict[str, Tensor]:
             "z": zero.reshape(*rows, d // g)}
 
 
-def dequantize_tokens(parts: dict[str, Tensor], bits: int, group: int, d: int) -> Tensor:
+def dequantize_tokens(parts: dict[str, Tensor], bits: int, group: int, d: int, out: Tensor | None = None) -> Tensor:
+    """Inverse of `quantize_tokens`: [..., d] float32, written into `out` (a view of that shape) if given."""
     if bits == 8:
-        return parts["q"].float() * parts["s"].float()
+        return torch.mul(parts["q"], parts["s"].float(), out=out)
     scale = parts["s"]
     *rows, ngroups = scale.shape
     q = unpack_bits(parts["q"], bits, d).reshape(*rows, ngroups, d // ngroups)
-    return dequantize_asym(q, scale[..., None], parts["z"][..., None]).reshape(*rows, d)
+    grouped = None if out is None else out.view(*rows, ngroups, d // ngroups)
+    return dequantize_asym(q, scale[..., None], parts["z"][..., None], grouped).view(*rows, d)
 
 
 def token_quant_bytes(rows: int, d: int, bits: int, group: int) -> int:
@@ -257,6 +259,9 @@ class Kivi(KVStorage):
     def pack_keys(self, k: Tensor, old: dict[str, Tensor], untouched: Tensor) -> dict[str, Tensor]:
         heads, t, d = k.shape
         run, sz = old["kivi_run"], old["kivi_ks"]  # [T] (sums where merged), [2, H, d_k, T]
+        stored = self.stored_groups(run, untouched)
+        if stored is not None:
+            return self.append_groups(k, old, stored)
         recent = torch.arange(t) >= t - self.residual
         # each quantized key's group: an id (one id, one scale and zero) and `column`, where its scale and
         # zero are: a column of `sz` (its own or a neighbour's), or -1 - g for the g-th new group
@@ -300,6 +305,33 @@ class Kivi(KVStorage):
         return {"kq": codes[:, quantized], "kl": torch.where(kind, length, -length).short(),
                 "ks": sz_of(first[kind]).transpose(2, 3).contiguous(),  # [2, H, runs, d_k]
                 "kr": k[:, ~quantized]}
+
+    def stored_groups(self, run: Tensor, untouched: Tensor) -> int | None:
+        """The number of keys stored as whole groups when the carried record is the layout without
+        eviction (groups 1, 2, ... of `group` keys from the first token, every one untouched, the rest
+        unquantized), else None: then the keys are re-emitted and new groups appended by `append_groups`,
+        a handful of whole-tensor operations, with the very bytes the general path writes."""
+        nq = int(torch.count_nonzero(run))
+        if nq % self.group or (nq and not (bool(untouched[:nq].all()) and torch.equal(
+                run[:nq], torch.arange(nq).floor_divide_(self.group).add_(1)))):
+            return None
+        return nq
+
+    def append_groups(self, k: Tensor, old: dict[str, Tensor], nq: int) -> dict[str, Tensor]:
+        """`pack_keys` of a layer whose first `nq` keys are stored whole groups, untouched: those as
+        stored, then whole groups of the oldest unquantized keys outside the residual, the rest exact."""
+        heads, t, d = k.shape
+        g = self.group
+        due = max(t - self.residual - nq, 0) // g * g
+        end = nq + due
+        codes = old["kivi_k"][..., :nq].transpose(1, 2)  # [H, nq, kb]
+        sz = old["kivi_ks"][..., :nq:g].transpose(2, 3)  # [2, H, nq / G, d_k]: each group's first key
+        if due:
+            q, scale, zero = quantize_asym(k[:, nq:end].reshape(heads, -1, g, d), 2, self.bits)
+            codes = torch.cat([codes, pack_bits(q.view(heads, due, d), self.bits)], 1)
+            sz = torch.cat([sz, torch.stack([scale, zero])[:, :, :, 0]], 2)
+        lengths = [g] * (end // g) + ([end - t] if t > end else [])
+        return {"kq": codes, "kl": torch.tensor(lengths, dtype=torch.int16), "ks": sz.contiguous(), "kr": k[:, end:]}
 
     def rejoin(self, k: Tensor, sz: Tensor, ids: Tensor, column: Tensor, rewritten: Tensor,
                recent: Tensor) -> Tensor:
@@ -366,32 +398,60 @@ class Kivi(KVStorage):
         return out
 
     def unpack_kivi(self, parts: dict[str, Tensor], tokens: int, dims: Dims) -> dict[str, Tensor]:
-        """One layer's dense "k" [H, T, d_k] and "v" [H, T, d_v], and its carried record."""
-        record = self.record(parts, tokens, dims)
-        quantized = record["kivi_run"] > 0
-        lengths = parts["kl"].long()
-        scale, zero = repeat_runs(parts["ks"].float(), lengths[lengths > 0], 2)  # [H, Nq, d_k] each
-        keys = dequantize_asym(unpack_bits(parts["kq"], self.bits, dims.d_k), scale, zero)  # [H, Nq, d_k]
-        vs = parts["vs"]  # [2, H, n, groups]
-        values = dequantize_tokens({"q": parts["vq"], "s": vs[0], "z": vs[1]}, self.bits, self.group, dims.d_v)
-        return {"k": in_token_order(keys, parts["kr"], quantized, 1), "v": torch.cat([values, parts["vr"]], 1),
-                **record}
+        """One layer's dense "k" [H, T, d_k] and "v" [H, T, d_v], and its carried record. Each is written
+        once into its own tensor: keys of a layout of whole groups (`uniform_runs`) are dequantized in
+        place against their run's scale and zero broadcast, not repeated per token."""
+        runs = uniform_runs(parts["kl"])
+        record = self.record(parts, tokens, dims, runs)
+        h, d_k, d_v = dims.heads, dims.d_k, dims.d_v
+        k, v = torch.empty(h, tokens, d_k), torch.empty(h, tokens, d_v)
+        codes = unpack_bits(parts["kq"], self.bits, d_k)  # [H, Nq, d_k]
+        if runs is not None:
+            count, length = runs
+            nq = count * length
+            scale, zero = parts["ks"].float()[:, :, :, None]  # [H, runs, 1, d_k] each
+            dequantize_asym(codes.view(h, count, length, d_k), scale, zero,
+                            k[:, :nq].view(h, count, length, d_k))
+            k[:, nq:] = parts["kr"]
+        else:
+            lengths = parts["kl"].long()
+            scale, zero = repeat_runs(parts["ks"].float(), lengths[lengths > 0], 2)  # [H, Nq, d_k] each
+            k = in_token_order(dequantize_asym(codes, scale, zero), parts["kr"], record["kivi_run"] > 0, 1)
+        vs, n = parts["vs"], parts["vq"].shape[1]  # [2, H, n, groups]
+        dequantize_tokens({"q": parts["vq"], "s": vs[0], "z": vs[1]}, self.bits, self.group, d_v, v[:, :n])
+        v[:, n:] = parts["vr"]
+        return {"k": k, "v": v, **record}
 
-    def record(self, parts: dict[str, Tensor], tokens: int, dims: Dims) -> dict[str, Tensor]:
+    def record(self, parts: dict[str, Tensor], tokens: int, dims: Dims,
+               runs: tuple[int, int] | None = None) -> dict[str, Tensor]:
         """The carried record of one layer's parts (but READ): each key's codes and its run's scale and
-        zero, its run (1, 2, ... in blob order), each value's codes, scale and zero; 0 where exact."""
+        zero, its run (1, 2, ... in blob order), each value's codes, scale and zero; 0 where exact.
+        `runs`: the layer's `uniform_runs`, written straight into place (one pass each)."""
+        h, d_k = dims.heads, dims.d_k
+        exact = tokens - parts["vs"].shape[2]
+        out = {"kivi_v": torch.nn.functional.pad(parts["vq"].transpose(1, 2), (0, exact)),
+               "kivi_vs": torch.nn.functional.pad(parts["vs"].transpose(2, 3), (0, exact))}
+        if runs is not None:
+            count, length = runs
+            nq = count * length
+            codes = torch.empty(h, parts["kq"].shape[2], tokens, dtype=torch.uint8)
+            codes[..., :nq] = parts["kq"].transpose(1, 2)
+            codes[..., nq:] = 0
+            sz = torch.empty(2, h, d_k, tokens, dtype=torch.float16)
+            sz[..., :nq].view(2, h, d_k, count, length).copy_(parts["ks"].transpose(2, 3)[..., None])
+            sz[..., nq:] = 0
+            run = torch.arange(tokens).floor_divide_(length).add_(1)
+            run[nq:] = 0
+            return {"kivi_k": codes, "kivi_ks": sz, "kivi_run": run, **out}
         segments = parts["kl"].long()
         kind, length = segments > 0, segments.abs()
         quantized = torch.repeat_interleave(kind, length)  # [T]
-        table = torch.zeros(2, dims.heads, dims.d_k, len(segments), dtype=torch.float16)
+        table = torch.zeros(2, h, d_k, len(segments), dtype=torch.float16)
         table[..., kind] = parts["ks"].transpose(2, 3)
         run = torch.zeros(len(segments), dtype=torch.long)
         run[kind] = torch.arange(1, int(kind.sum()) + 1)
-        exact = tokens - parts["vs"].shape[2]
         return {"kivi_k": in_token_order(parts["kq"].transpose(1, 2), None, quantized, 2),
-                "kivi_ks": repeat_runs(table, length), "kivi_run": torch.repeat_interleave(run, length),
-                "kivi_v": torch.nn.functional.pad(parts["vq"].transpose(1, 2), (0, exact)),
-                "kivi_vs": torch.nn.functional.pad(parts["vs"].transpose(2, 3), (0, exact))}
+                "kivi_ks": repeat_runs(table, length), "kivi_run": torch.repeat_interleave(run, length), **out}
 
     def restore(self, state: State, parts: dict[str, Tensor]) -> list[dict[str, Tensor]]:
         """What decoding the parts just packed gives, from `state`: a key or value re-emitted as stored
@@ -404,10 +464,22 @@ class Kivi(KVStorage):
             dims = Dims(k.shape[0], k.shape[2], v.shape[2])
             old = self.carried(state, layer, dims.heads, dims.d_k, dims.d_v)
             untouched = (old[READ][0] == part.pos + 1) & (old[READ][1] == part.weight)
-            record = self.record(mine, part.num_tokens, dims)
-            quantized = record["kivi_run"] > 0
-            rank = quantized.cumsum(0) - 1  # [T]: each quantized key's row among the stored ones
-            redo = (quantized & ~(untouched & (old["kivi_run"] > 0))).nonzero()[:, 0]
+            runs = uniform_runs(mine["kl"])
+            record = self.record(mine, part.num_tokens, dims, runs)
+            stored = None if runs is None else self.stored_groups(old["kivi_run"], untouched)
+            if stored is not None:  # whole groups, the first `stored` keys as they were: dequantize the rest
+                g, end = runs[1], runs[0] * runs[1]
+                if end > stored:
+                    k = k.clone()
+                    h, d = dims.heads, dims.d_k
+                    scale, zero = mine["ks"][:, :, stored // g:, None].float()  # [H, groups, 1, d_k] each
+                    codes = unpack_bits(mine["kq"][:, stored:], self.bits, d).view(h, -1, g, d)
+                    dequantize_asym(codes, scale, zero, k[:, stored:end].view(h, -1, g, d))
+                redo = ()
+            else:
+                quantized = record["kivi_run"] > 0
+                rank = quantized.cumsum(0) - 1  # [T]: each quantized key's row among the stored ones
+                redo = (quantized & ~(untouched & (old["kivi_run"] > 0))).nonzero()[:, 0]
             if len(redo):
                 run = record["kivi_run"][redo] - 1
                 scale, zero = mine["ks"].float()[:, :, run]  # [H, m, d_k] each
@@ -466,6 +538,17 @@ class Kivi(KVStorage):
             return self.key_bytes(dims, tokens, exact, runs, segments) + self.value_bytes(tokens, dims)
 
         return bound
+
+
+def uniform_runs(kl: Tensor) -> tuple[int, int] | None:
+    """(count, length) when a layer's signed run lengths `kl` are `count` quantized runs of one length and
+    then at most one exact run (the layout without eviction: whole groups, the exact tail), else None."""
+    segments = kl.tolist()
+    count = len(segments) - (1 if segments and segments[-1] <= 0 else 0)
+    head = segments[:count]
+    if not count or min(head) <= 0 or min(head) != max(head):
+        return None
+    return count, head[0]
 
 
 def in_token_order(first: Tensor, second: Tensor | None, is_first: Tensor, dim: int) -> Tensor:
