@@ -75,13 +75,35 @@ def quantize_asym(x: Tensor, dim: int, bits: int) -> tuple[Tensor, Tensor, Tenso
     """Min/max quantization of x (float32) along `dim` to `bits` 2 or 4 -> codes (uint8, shape of x),
     scale and zero (fp16, `dim` kept as 1). A constant group gets scale 1 and codes 0 (its value is the
     zero)."""
+    q, scale, lo = asym_codes(x, dim, bits)
+    return q.to(torch.int8).view(torch.uint8), scale, lo
+
+
+def asym_codes(x: Tensor, dim: int, bits: int) -> tuple[Tensor, Tensor, Tensor]:
+    """`quantize_asym` with the codes left as float32 integers (for `pack_codes`)."""
     qmax = (1 << bits) - 1
     lo = fp16_down(x.amin(dim, keepdim=True))
-    step = (x.amax(dim, keepdim=True) - lo.float()) / qmax
-    scale = fp16(torch.where(step > 0, step, torch.ones_like(step)))
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # a step below fp16's smallest
-    q = (x - lo.float()).mul_(scale.float().reciprocal()).round_().clamp_(0, qmax)
-    return q.to(torch.int8).view(torch.uint8), scale, lo
+    low = lo.float()
+    step = (x.amax(dim, keepdim=True) - low) / qmax
+    scale = fp16(torch.where(step > 0, step, 1.0))
+    scale = torch.where(scale > 0, scale, 1.0)  # a step below fp16's smallest
+    return (x - low).mul_(scale.float().reciprocal()).round_().clamp_(0, qmax), scale, lo
+
+
+def pack_codes(q: Tensor, bits: int) -> Tensor:
+    """`pack_bits` of float codes q [..., n] (integers 0 .. 2^bits - 1, as `asym_codes` gives): the codes
+    of a byte are summed in float (exact: under 256), pairs then pairs of pairs, one pass over half the
+    data each, and the byte values converted once."""
+    n = q.shape[-1]
+    if bits == 8 or n == 0:
+        return q.to(torch.int8).view(torch.uint8)
+    per = 8 // bits
+    if n % per:
+        q = torch.nn.functional.pad(q, (0, per - n % per))
+    pairs = torch.add(q[..., 0::2], q[..., 1::2], alpha=1 << bits)
+    if bits == 2:
+        pairs = torch.add(pairs[..., 0::2], pairs[..., 1::2], alpha=16)
+    return pairs.to(torch.uint8)
 
 
 def dequantize_asym(q: Tensor, scale: Tensor, zero: Tensor, out: Tensor | None = None) -> Tensor:
@@ -90,7 +112,8 @@ def dequantize_asym(q: Tensor, scale: Tensor, zero: Tensor, out: Tensor | None =
     a vectorised body but not in its scalar tail would not): KIVI recognises a key it stored this way.
     The codes convert to float inside the multiplication (exactly: they are small integers), written
     into `out` (a view of the result's shape, e.g. a slice of a larger tensor) when given."""
-    return torch.mul(q, scale.float(), out=out).add_(zero.float())
+    x = q.float() if out is None else out.copy_(q)  # a mixed uint8 x float32 multiply is slower
+    return x.mul_(scale.float()).add_(zero.float())
 
 
 def absmax_scale(x: Tensor, limit: float) -> Tensor:
