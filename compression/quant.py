@@ -80,7 +80,7 @@ def quantize_asym(x: Tensor, dim: int, bits: int) -> tuple[Tensor, Tensor, Tenso
 
 
 def asym_codes(x: Tensor, dim: int, bits: int) -> tuple[Tensor, Tensor, Tensor]:
-    """`quantize_asym` with the codes left as float32 integers (for `pack_codes`)."""
+    """`quantize_asym` with the codes left as float32 integers."""
     qmax = (1 << bits) - 1
     lo = fp16_down(x.amin(dim, keepdim=True))
     low = lo.float()
@@ -88,22 +88,6 @@ def asym_codes(x: Tensor, dim: int, bits: int) -> tuple[Tensor, Tensor, Tensor]:
     scale = fp16(torch.where(step > 0, step, 1.0))
     scale = torch.where(scale > 0, scale, 1.0)  # a step below fp16's smallest
     return (x - low).mul_(scale.float().reciprocal()).round_().clamp_(0, qmax), scale, lo
-
-
-def pack_codes(q: Tensor, bits: int) -> Tensor:
-    """`pack_bits` of float codes q [..., n] (integers 0 .. 2^bits - 1, as `asym_codes` gives): the codes
-    of a byte are summed in float (exact: under 256), pairs then pairs of pairs, one pass over half the
-    data each, and the byte values converted once."""
-    n = q.shape[-1]
-    if bits == 8 or n == 0:
-        return q.to(torch.int8).view(torch.uint8)
-    per = 8 // bits
-    if n % per:
-        q = torch.nn.functional.pad(q, (0, per - n % per))
-    pairs = torch.add(q[..., 0::2], q[..., 1::2], alpha=1 << bits)
-    if bits == 2:
-        pairs = torch.add(pairs[..., 0::2], pairs[..., 1::2], alpha=16)
-    return pairs.to(torch.uint8)
 
 
 def dequantize_asym(q: Tensor, scale: Tensor, zero: Tensor, out: Tensor | None = None) -> Tensor:

@@ -21,10 +21,8 @@ from kvrec.compression.base import READ, Dims, KVStorage, PerTensor, Policy, Sha
 from kvrec.compression.quant import (
     FP16_MAX,
     absmax_scale,
-    asym_codes,
     dequantize_asym,
     pack_bits,
-    pack_codes,
     quantize_asym,
     unpack_bits,
 )
@@ -46,8 +44,8 @@ def quantize_tokens(x: Tensor, bits: int, group: int) -> dict[str, Tensor]:
         scale = absmax_scale(x, 127.0)  # [..., 1]
         return {"q": (x / scale.float()).round_().clamp_(-127, 127).to(torch.int8), "s": scale}
     g = group_size(d, group)
-    q, scale, zero = asym_codes(x.reshape(*rows, d // g, g), -1, bits)  # q [..., d/g, g], scale [..., d/g, 1]
-    return {"q": pack_codes(q.reshape(*rows, d), bits), "s": scale.reshape(*rows, d // g),
+    q, scale, zero = quantize_asym(x.reshape(*rows, d // g, g), -1, bits)  # q [..., d/g, g], scale [..., d/g, 1]
+    return {"q": pack_bits(q.reshape(*rows, d), bits), "s": scale.reshape(*rows, d // g),
             "z": zero.reshape(*rows, d // g)}
 
 
@@ -330,8 +328,8 @@ class Kivi(KVStorage):
         codes = old["kivi_k"][..., :nq].transpose(1, 2)  # [H, nq, kb]
         sz = old["kivi_ks"][..., :nq:g].transpose(2, 3)  # [2, H, nq / G, d_k]: each group's first key
         if due:
-            q, scale, zero = asym_codes(k[:, nq:end].reshape(heads, -1, g, d), 2, self.bits)
-            codes = torch.cat([codes, pack_codes(q.view(heads, due, d), self.bits)], 1)
+            q, scale, zero = quantize_asym(k[:, nq:end].reshape(heads, -1, g, d), 2, self.bits)
+            codes = torch.cat([codes, pack_bits(q.view(heads, due, d), self.bits)], 1)
             sz = torch.cat([sz, torch.stack([scale, zero])[:, :, :, 0]], 2)
         lengths = [g] * (end // g) + ([end - t] if t > end else [])
         return {"kq": codes, "kl": torch.tensor(lengths, dtype=torch.int16), "ks": sz.contiguous(), "kr": k[:, end:]}
