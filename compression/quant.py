@@ -94,8 +94,8 @@ def dequantize_asym(q: Tensor, scale: Tensor, zero: Tensor, out: Tensor | None =
     """q * scale + zero in float32 (broadcasting), as two correctly rounded operations, so that the
     same code, scale and zero give the same value whatever the tensor's shape (a fused multiply-add in
     a vectorised body but not in its scalar tail would not): KIVI recognises a key it stored this way.
-    The codes convert to float inside the multiplication (exactly: they are small integers), written
-    into `out` (a view of the result's shape, e.g. a slice of a larger tensor) when given."""
+    The result is written into `out` (a view of its shape, e.g. a slice of a larger tensor) when given:
+    the codes are copied into it (exactly: small integers), then scaled and shifted in place."""
     x = q.float() if out is None else out.copy_(q)  # a mixed uint8 x float32 multiply is slower
     return x.mul_(scale.float()).add_(zero.float())
 
