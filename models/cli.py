@@ -119,20 +119,20 @@ def register(sub) -> None:
                    help="torch CPU threads (default: torch's choice; 1 is faster on a busy machine)")
     g = p.add_argument_group("trained memory levels (one at a time; post-hoc policies stack on any)")
     g.add_argument("--kv-heads", type=positive_int, default=None,
-                   help="grouped-query attention: K/V heads, dividing --heads (1: multi-query attention)")
+                   help="grouped-query attention: K/V heads, dividing --heads (1: multi-query attention; default: one per head)")
     g.add_argument("--latent-dim", type=positive_int, default=None,
                    help="multi-head latent attention: cache one latent of this width per token, K and V "
-                   "up-projected from it (smaller than heads x 2 x head-dim)")
+                   "up-projected from it (smaller than heads x 2 x head-dim; default: off)")
     g.add_argument("--rope-dim", type=positive_int, default=16,
                    help="width of MLA's decoupled rotary key (sasrec)")
     g.add_argument("--recurrent", choices=["linear"], default=None,
-                   help="decayed linear attention (hstu): a fixed-size state per layer and head")
+                   help="decayed linear attention (hstu): a fixed-size state per layer and head (default: off)")
     g.add_argument("--memory", type=positive_int, default=None, metavar="W",
                    help="compressive memory (hstu): the last W events exact, older ones folded into a linear "
-                   "memory (Infini-attention)")
+                   "memory (Infini-attention; default: off)")
     g.add_argument("--slots", type=positive_int, default=None, metavar="S",
                    help="trained sequence compression (hstu): events older than --slot-window folded into S "
-                   "learned slots")
+                   "learned slots (default: off)")
     g.add_argument("--slot-window", type=positive_int, default=64, help="events kept exact beside --slots")
     g = p.add_argument_group("ranking task")
     g.add_argument("--task", choices=["retrieval", "ranking"], default="retrieval",

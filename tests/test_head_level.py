@@ -314,11 +314,6 @@ SPECS = {
 # what a latent state refuses: policies that read or encode per-token keys and values
 NEEDS_KV = {"kivi", "intact", "svd", "think", "minicache", "knorm", "merge"}
 # Known gaps outside the models (see the report of issue 10): each must run, and does not yet
-KNOWN_GAPS = {
-    ("hstu", "gqa", "svd"): "compression.policies.lowrank.projections slices HSTU's uvqk rows by cfg.heads, "
-                            "not by the K/V heads (cfg.kv_head_count)",
-    ("sasrec", "mla", "streaming"): "streaming re-rotates state.k; a latent state's rotary key is 'kr'",
-}
 
 
 def test_policy_list_covers_every_registered_policy():
@@ -334,8 +329,6 @@ def models():
 @pytest.mark.parametrize("variant", ["gqa", "mla"])
 @pytest.mark.parametrize("kind", KINDS)
 def test_every_policy_runs_on_or_is_refused_by_a_head_level_state(kind, variant, name, models, request):
-    if (kind, variant, name) in KNOWN_GAPS:
-        request.applymarker(pytest.mark.xfail(reason=KNOWN_GAPS[kind, variant, name], strict=True))
     model = models[kind, variant]
     context = PolicyContext(model=model, calibration=[history(40, seed) for seed in range(2)])
     if variant == "mla" and name in NEEDS_KV:

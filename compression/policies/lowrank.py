@@ -106,11 +106,12 @@ def projections(model: SequentialRecommender) -> list[dict[str, Projection]]:
         if isinstance(block, SASRecBlock):
             k = Projection(block.k.weight, block.k.bias, rotary=True, silu=False)
             v = Projection(block.v.weight, block.v.bias, rotary=False, silu=False)
-        elif isinstance(block, HSTUBlock):  # uvqk rows: u, v (H*d_v each), q, k (H*d_k each)
+        elif isinstance(block, HSTUBlock):  # uvqk rows: u (H*d_v), v (N*d_v), q (H*d_k), k (N*d_k); N K/V heads
             w, b = block.uvqk.weight, block.uvqk.bias
-            hv, hk = cfg.heads * cfg.d_v, cfg.heads * cfg.d_k
-            k = Projection(w[2 * hv + hk:], b[2 * hv + hk:], rotary=False, silu=True)
-            v = Projection(w[hv:2 * hv], b[hv:2 * hv], rotary=False, silu=True)
+            u, v_end = cfg.heads * cfg.d_v, (cfg.heads + cfg.kv_head_count) * cfg.d_v
+            k_start = v_end + cfg.heads * cfg.d_k
+            k = Projection(w[k_start:], b[k_start:], rotary=False, silu=True)
+            v = Projection(w[u:v_end], b[u:v_end], rotary=False, silu=True)
         else:
             raise PolicyError(f"svd: a {type(block).__name__} exposes no key/value projection weights")
         out.append({name: Projection(p.weight.detach().float().cpu(), p.bias.detach().float().cpu(), p.rotary, p.silu)
@@ -159,8 +160,8 @@ class SVD(KVStorage):
     def bind(self, context: PolicyContext | None) -> None:
         if context is None or context.model is None:
             raise PolicyError("svd: needs a PolicyContext with the model (its bases come from the model's weights)")
-        heads = context.model.cfg.heads
-        self.check(heads % self.groups == 0, f"groups must divide the model's {heads} heads, got {self.groups}")
+        heads = context.model.cfg.kv_head_count
+        self.check(heads % self.groups == 0, f"groups must divide the model's {heads} K/V heads, got {self.groups}")
         self.layers = [{name: (p, self.bases(p.weight)) for name, p in layer.items()}
                        for layer in projections(context.model)]
 

@@ -94,8 +94,10 @@ class Streaming(TokenPolicy):
         state.select(layer, torch.cat([torch.arange(sink, device=device), window]))
         pos = state.pos[layer]  # [budget]
         moved = torch.cat([pos[sink] - sink + torch.arange(sink, device=device), pos[sink:]])  # sinks before the window
-        if self.rotary:
-            state.k[layer] = move_keys(state.k[layer], moved - pos)
+        if self.rotary:  # the keys that carry a rotary phase: K/V's keys, or a latent state's rotary key
+            tokens = state.layers[layer].tokens
+            name = "kr" if "kr" in tokens else "k"
+            tokens[name] = move_keys(tokens[name], moved - pos)
         state.pos[layer] = moved
 
 
