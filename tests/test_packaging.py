@@ -35,8 +35,9 @@ def test_imports_point_one_way():
 
 
 def test_the_cli_offers_every_registered_backbone():
-    """`kvrec train --model` spells the registry's names out (so `--help` imports no torch): kept equal."""
-    from kvrec.models.cli import MODEL_KINDS
+    """`kvrec train --model` spells the registry's names out (so `--help` imports no torch): kept equal,
+    and every backbone has its default learning rate."""
+    from kvrec.models.cli import DEFAULT_LR, MODEL_KINDS
     from kvrec.models.registry import MODELS
 
-    assert sorted(MODEL_KINDS) == sorted(MODELS)
+    assert sorted(MODEL_KINDS) == sorted(MODELS) == sorted(DEFAULT_LR)
