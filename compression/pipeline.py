@@ -55,12 +55,17 @@ class Pipeline:
 
 
 def accumulate_attention(state: State, stats: AttentionStats | None) -> None:
-    """state.extras["acc"][l] [H, T_l] += attention each token received in this call (when aligned)."""
+    """state.extras["acc"][l] [G, T_l] += attention each token received in this call; G is the head axis of
+    the state's token tensors (the K/V heads, 1 for a latent state), which the model's statistics share."""
     acc = state.extras.get("acc")
     if acc is None:
         acc = [torch.zeros(next(iter(part.tokens.values())).shape[0], part.num_tokens, device=part.pos.device)
                for part in state.layers]
     for layer in range(state.num_layers):
-        if stats is not None and stats.received[layer].shape == acc[layer].shape:
-            acc[layer] = acc[layer] + stats.received[layer].float()
+        if stats is None:
+            continue
+        if stats.received[layer].shape != acc[layer].shape:  # a model whose statistics miss the state's layout
+            raise ValueError(f"layer {layer}: attention statistics {tuple(stats.received[layer].shape)} do not "
+                             f"line up with the state's tokens {tuple(acc[layer].shape)}")
+        acc[layer] = acc[layer] + stats.received[layer].float()
     state.extras["acc"] = acc

@@ -150,7 +150,7 @@ class State:
     layers:          one LayerState per layer
     last_hidden:     [D] float, final hidden state of the last consumed event (None before any event)
     events_consumed: events folded into this state (the next event gets this position)
-    extras:          per-layer tensors a policy carries between requests, e.g. {"acc": [[H, T_l], ...]};
+    extras:          per-layer tensors a policy carries between requests, e.g. {"acc": [[G, T_l], ...]};
                      every extra is aligned with the token axis (last dim T_l), so selecting tokens
                      selects them too
     """
@@ -229,9 +229,13 @@ class State:
 class AttentionStats:
     """Attention statistics of one `extend` call, for score-based policies (H2O, SnapKV, IntactKV).
 
-    received[l]: [H, T_l] float  attention mass that each key of layer l (cached and new, in the order
+    received[l]: [G, T_l] float  attention mass that each key of layer l (cached and new, in the order
                                  of the extended state) received from the new queries, summed over them
-    window[l]:   [H, w, T_l]     attention weights of the last w new queries (w <= obs_window)
+    window[l]:   [G, w, T_l]     attention weights of the last w new queries (w <= obs_window)
+
+    G is the head axis of the state's token tensors: the query heads, or under grouped-query attention
+    the K/V heads (a group's query heads summed), or 1 for a latent state (all heads summed), so that a
+    score lines up with what a policy evicts.
     macs:                        multiply-accumulates of attention in the call (q.k and weights.v)
 
     For softmax attention (SASRec) a weight is the softmax probability. HSTU's pointwise attention has
