@@ -57,15 +57,7 @@ def register_bench(bench_sub) -> None:
                    help='";"-separated policy specs, e.g. "full;recompute;h2o:budget=256+int8"; '
                         '"list" prints every policy with its parameters')
     p.add_argument("--out", help="output folder (required)")
-    p.add_argument("--events-per-request", type=positive_int, default=10, help="events sent per request")
-    p.add_argument("--max-users", type=positive_int, default=None, help="replay at most this many users "
-                   "(default: all)")
-    p.add_argument("--max-requests-per-user", type=positive_int, default=None,
-                   help="replay at most this many requests per user (default: the whole future)")
-    p.add_argument("--negatives", type=positive_int, default=100,
-                   help="sampled negatives per request (GAUC, Recall@10)")
-    p.add_argument("--fraction", type=fraction, default=0.5,
-                   help="share of each history pre-loaded as the prefix, 0..1")
+    add_replay_arguments(p)
     p.add_argument("--candidates", type=at_least(0), default=100,
                    help="with a ranking head: rank the next item among this many sampled candidates over the "
                         "state each policy left (0: no ranking)")
@@ -124,6 +116,19 @@ def model_list(text: str) -> list[str]:
     return paths
 
 
+def add_replay_arguments(p) -> None:
+    """The replay flags `bench offline` and `bench levels` share: which users' requests, and how many."""
+    p.add_argument("--events-per-request", type=positive_int, default=10, help="events sent per request")
+    p.add_argument("--max-users", type=positive_int, default=None, help="replay at most this many users "
+                   "(default: all)")
+    p.add_argument("--max-requests-per-user", type=positive_int, default=None,
+                   help="replay at most this many requests per user (default: the whole future)")
+    p.add_argument("--negatives", type=positive_int, default=100,
+                   help="sampled negatives per request (GAUC, Recall@10)")
+    p.add_argument("--fraction", type=fraction, default=0.5,
+                   help="share of each history pre-loaded as the prefix, 0..1")
+
+
 def register_levels(bench_sub) -> None:
     p = bench_sub.add_parser(
         "levels", help="MALLOC's levels in one table: trained variants and post-hoc policies on the same requests",
@@ -144,15 +149,7 @@ def register_levels(bench_sub) -> None:
                    help='";"-separated post-hoc policy specs applied to each model where they apply (`full` always '
                         "runs)")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--events-per-request", type=positive_int, default=10, help="events sent per request")
-    p.add_argument("--max-users", type=positive_int, default=None, help="replay at most this many users "
-                   "(default: all)")
-    p.add_argument("--max-requests-per-user", type=positive_int, default=None,
-                   help="replay at most this many requests per user (default: the whole future)")
-    p.add_argument("--negatives", type=positive_int, default=100,
-                   help="sampled negatives per request (GAUC, Recall@10)")
-    p.add_argument("--fraction", type=fraction, default=0.5,
-                   help="share of each history pre-loaded as the prefix, 0..1")
+    add_replay_arguments(p)
     p.add_argument("--lengths", type=int_list, default="1000,10000",
                    help="event counts at which the state size is measured, comma-separated")
     p.add_argument("--growth-request", type=positive_int, default=100,

@@ -18,7 +18,7 @@ from kvrec.models.compressive_memory import CompressiveMemoryHSTU, MemoryBlock, 
 from kvrec.models.recommender import ModelConfig, Targets
 from kvrec.models.registry import build_model
 from kvrec.models.state import Events
-from test_recurrent import history, padded, random_chunks, stepwise
+from test_recurrent import check_random_chunkings_equal_prefill, history, padded, stepwise
 
 from kvrec.cli import main as kvrec
 
@@ -38,21 +38,6 @@ def tiny(seed: int = 0, **kw):
 
 
 # ---------------------------------------------------------------------------- any exact-window variant
-
-
-def check_random_chunkings_equal_prefill(model) -> None:
-    gen = torch.Generator().manual_seed(1)
-    for trial in range(6):
-        events = history(int(torch.randint(1, 90, (1,), generator=gen)), seed=trial)
-        full, hidden, _ = model.prefill(events)
-        state = model.empty_state()
-        for sl in random_chunks(len(events), gen):
-            state, last, _ = model.extend(state, events[sl])
-        torch.testing.assert_close(last, hidden, atol=1e-5, rtol=0)
-        for a, b in zip(state.layers, full.layers):
-            assert torch.equal(a.pos, b.pos)
-            for name, t in b.tensors().items():
-                torch.testing.assert_close(a.tensors()[name], t, atol=1e-5, rtol=1e-5)
 
 
 def check_training_forward_equals_serving_at_every_position(model) -> None:

@@ -22,6 +22,7 @@ from kvrec.models.checkpoint import load_checkpoint
 from kvrec.models.recommender import ModelConfig, Targets
 from kvrec.models.registry import build_model
 from kvrec.models.state import Events
+from test_compression_matrix import BUDGET, SPECS  # every registered policy, at a budget below the history
 
 from kvrec.cli import main as kvrec
 
@@ -300,17 +301,6 @@ def test_blob_shrinks_by_the_head_level_factor(kind, variant):
 
 # ----------------------------------------------------------------------------- post-hoc policies
 
-BUDGET = 24
-SPECS = {
-    "full": "full", "recompute": "recompute", "fp16": "fp16", "bf16": "bf16", "fp8": "fp8", "int8": "int8",
-    "int4": "int4:group=4", "kivi": "kivi:bits=2,residual=8,group=8", "intact": "intact:sink=2,pivots=4,bits=4",
-    "svd": "svd:rank=16", "think": "think:keep=0.5", "minicache": "minicache:threshold=0.5,start=0",
-    "window": f"window:budget={BUDGET}", "streaming": f"streaming:sink=4,window={BUDGET - 4}",
-    "h2o": f"h2o:budget={BUDGET},recent=8", "tova": f"tova:budget={BUDGET}",
-    "snapkv": f"snapkv:budget={BUDGET},window=8,kernel=3", "pyramid": f"pyramid:budget={BUDGET},window=8,beta=4",
-    "ada": f"ada:budget={BUDGET},window=8", "knorm": f"knorm:budget={BUDGET}", "random": f"random:budget={BUDGET}",
-    "merge": f"merge:budget={BUDGET},recent=8", "pool": f"pool:budget={BUDGET},window=8,chunk=4",
-}
 # what a latent state refuses: policies that read or encode per-token keys and values
 NEEDS_KV = {"kivi", "intact", "svd", "think", "minicache", "knorm", "merge"}
 # Known gaps outside the models (see the report of issue 10): each must run, and does not yet

@@ -73,8 +73,8 @@ def test_the_registry_builds_the_recurrent_variant():
     assert model.state_kind == "recurrent" and model.cfg.variant() == "linear"
 
 
-def test_random_chunkings_equal_prefill():
-    model = tiny()
+def check_random_chunkings_equal_prefill(model) -> None:
+    """Any chunking of a history extends to the state and hidden of one prefill (token and fixed tensors)."""
     gen = torch.Generator().manual_seed(1)
     for trial in range(6):
         events = history(int(torch.randint(1, 90, (1,), generator=gen)), seed=trial)
@@ -84,7 +84,13 @@ def test_random_chunkings_equal_prefill():
             state, last, _ = model.extend(state, events[sl])
         torch.testing.assert_close(last, hidden, atol=1e-5, rtol=0)
         for a, b in zip(state.layers, full.layers):
-            torch.testing.assert_close(a.fixed["s"], b.fixed["s"], atol=1e-5, rtol=1e-5)
+            assert torch.equal(a.pos, b.pos)
+            for name, t in b.tensors().items():
+                torch.testing.assert_close(a.tensors()[name], t, atol=1e-5, rtol=1e-5)
+
+
+def test_random_chunkings_equal_prefill():
+    check_random_chunkings_equal_prefill(tiny())
 
 
 def test_training_forward_equals_serving_at_every_position():
