@@ -60,13 +60,15 @@ class TokenPolicy(Policy):
         raise NotImplementedError
 
 
-def recent_plus_top(score: Tensor, budget: int, recent: int) -> Tensor:
+def recent_plus_top(score: Tensor, budget: int, recent: int | None) -> Tensor:
     """The last `recent` tokens plus the highest-scoring others, `budget` in all, ascending.
 
-    score [T] (T > budget). When recent >= budget this is just the last `budget` tokens.
+    score [T] (T > budget). `recent` None is half the budget, H2O's equal split between recent tokens
+    and heavy hitters (a fixed default of 64 made every budget up to 64 a plain sliding window). When
+    recent >= budget this is just the last `budget` tokens.
     """
     t = score.shape[0]
-    recent = min(recent, budget)
+    recent = budget // 2 if recent is None else min(recent, budget)
     older = t - recent
     top = torch.topk(score[:older], budget - recent).indices  # [budget - recent]
     return torch.cat([top.sort().values, torch.arange(older, t, device=score.device)])

@@ -103,7 +103,9 @@ def describe_params(cls: type[Policy]) -> str:
     for f in dataclasses.fields(cls):
         if f.init:
             types = [t for t in typing.get_args(hints[f.name]) if t is not type(None)] or [hints[f.name]]
-            out.append(f"{f.name} ({types[0].__name__}, default {getattr(bare, f.name)})")
+            value = getattr(bare, f.name)
+            shown = f.metadata.get("none", value) if value is None else value  # what None stands for
+            out.append(f"{f.name} ({types[0].__name__}, default {shown})")
     return ", ".join(out)
 
 

@@ -12,9 +12,9 @@ from kvrec.compression import PolicyError, all_policies, parse_policy
     ("int8", "int8"),
     ("kivi:bits=2,residual=32", "kivi:bits=2,residual=32,group=32"),
     ("h2o:budget=256,recent=64", "h2o:budget=256,recent=64"),
-    ("h2o", "h2o:budget=256,recent=64"),
+    ("h2o", "h2o:budget=256"),
     (" streaming:sink=4,window=252 + int8 ", "streaming:sink=4,window=252+int8"),
-    ("h2o:bytes=65536+int4", "h2o:bytes=65536,recent=64+int4:group=32"),
+    ("h2o:bytes=65536+int4", "h2o:bytes=65536+int4:group=32"),
     ("window:budget=64+full", "window:budget=64"),
     ("minicache:threshold=0.75", "minicache:threshold=0.75,dtype=fp32"),
 ])
@@ -60,7 +60,7 @@ def test_bad_specs_say_what_is_valid(spec, needle):
 def test_a_bad_parameter_lists_the_defaults_a_bare_spec_gets():
     with pytest.raises(PolicyError) as info:
         parse_policy("h2o:buget=10")
-    assert "budget (int, default 256)" in str(info.value) and "recent (int, default 64)" in str(info.value)
+    assert "budget (int, default 256)" in str(info.value) and "recent (int, default half the budget)" in str(info.value)
 
 
 def test_kivi_refuses_a_budget_that_leaves_nothing_to_quantize():

@@ -54,6 +54,17 @@ def test_h2o_keeps_heavy_hitters_whenever_they_arrived():
     assert kept[:48] != list(range(48))
 
 
+def test_h2o_splits_a_bare_budget_between_recent_tokens_and_heavy_hitters():
+    """Without `recent`, half the budget is recent and half heavy hitters (H2O's equal split): a fixed
+    default of 64 recent tokens made every budget up to 64 a sliding window that keeps no heavy hitter."""
+    heavy = [30, 170, 290, 350]
+    kept = replay("h2o:budget=32", heavy)
+    assert len(kept) == 32 and kept[-16:] == list(range(384, 400))
+    assert set(heavy) <= set(kept)
+    merged = replay("merge:budget=32", heavy)  # merge's survivors are chosen the same way
+    assert len(merged) == 32 and merged[-16:] == list(range(384, 400))
+
+
 def test_h2o_divides_accumulated_attention_by_the_queries_that_saw_each_token():
     state = grow(State("kv", [LayerState({"k": torch.zeros(H, 0, D), "v": torch.zeros(H, 0, D)})]), 10)
     acc = torch.zeros(10)

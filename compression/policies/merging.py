@@ -8,7 +8,7 @@ summed (accumulated attention is additive).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -57,7 +57,7 @@ class Merge(TokenPolicy):
     uses_acc = True
     budget: int | None = None
     bytes: int | None = None
-    recent: int = 64
+    recent: int | None = field(default=None, metadata={"none": "half the budget"})  # newest tokens kept
     threshold: float = 0.5
 
     def __post_init__(self) -> None:

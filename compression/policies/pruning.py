@@ -120,7 +120,7 @@ class H2O(TokenPolicy):
     uses_acc = True
     budget: int | None = None
     bytes: int | None = None
-    recent: int = 64
+    recent: int | None = field(default=None, metadata={"none": "half the budget"})  # newest tokens kept
 
     def keep(self, state: State, stats: AttentionStats | None, layer: int, budget: int) -> Tensor:
         return recent_plus_top(heavy_hitter_score(state, layer), budget, self.recent)
