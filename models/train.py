@@ -50,7 +50,7 @@ class TrainConfig:
     random_negatives: int = 256
     in_batch_negatives: int = 256
     temperature: float = 0.05
-    patience: int = 5  # evaluations without a better validation NDCG@10 before stopping
+    patience: int = 10  # evaluations without a better validation NDCG@10 before stopping (see kvrec train --help)
     max_valid_users: int = 2000  # validation on a fixed sample, for speed
     max_minutes: float | None = None  # wall-clock cap, checked after each epoch
     pair_budget: int = 32_000_000  # B x L x L attention entries per batch: bounds memory for long windows
