@@ -127,7 +127,8 @@ def register(sub) -> None:
                    help="torch CPU threads (default: torch's choice; 1 is faster on a busy machine)")
     g = p.add_argument_group("trained memory levels (one at a time; post-hoc policies stack on any)")
     g.add_argument("--kv-heads", type=positive_int, default=None,
-                   help="grouped-query attention: K/V heads, dividing --heads (1: multi-query attention; default: one per head)")
+                   help="grouped-query attention: K/V heads, dividing --heads (1: multi-query attention; "
+                   "default: one per head)")
     g.add_argument("--latent-dim", type=positive_int, default=None,
                    help="multi-head latent attention: cache one latent of this width per token, K and V "
                    "up-projected from it (smaller than heads x 2 x head-dim; default: off)")
