@@ -55,6 +55,7 @@ about twice HSTU's small tensor operations.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from functools import partial
 
 import torch
@@ -290,14 +291,12 @@ class ASTRO(HSTU):
         """Each new event extends the state of its own sub-sequence."""
         return Partitioned(self.geometry, q_pos, ts, partition_of(actions, q_pos))
 
-    @torch.no_grad()
-    def rank(self, state: State, candidates: Tensor, ts: int, batch: int = 256) -> tuple[Tensor, Tensor]:
-        """SequentialRecommender.rank's contract: a copy of each candidate per sub-sequence present (all
+    def target_pass(self, state: State, ts: int) -> Callable[[Tensor], Tensor]:
+        """SequentialRecommender.target_pass's contract: a copy of each target per sub-sequence present (all
         of them over an empty state), through that sub-sequence's tokens layer by layer, then fused."""
         if self.target_fusion is None:
             raise ValueError("this model has no ranking head (train it with --task ranking)")
         dev = self.item_emb.weight.device
-        candidates = candidates.to(dev)
         top = state.layers[-1]
         latest, latest_pos = latest_tokens(top)  # [N_b] each
         present = latest >= 0
@@ -305,22 +304,16 @@ class ASTRO(HSTU):
         chosen = present.nonzero().squeeze(1).tolist() or list(range(PARTITIONS))
         subs = {p: [restrict(part, p)[0] for part in state.layers] for p in chosen}
         position, time = torch.tensor([state.events_consumed], device=dev), torch.tensor([int(ts)], device=dev)
-        relevance, engage = [], []
-        for start in range(0, candidates.shape[0], batch):
-            chunk = candidates[start:start + batch]  # [c]
-            target_x = self.embed(chunk, torch.zeros_like(chunk))  # [c, D]
-            copies = target_x.new_zeros(len(chunk), PARTITIONS, self.cfg.dim)  # [c, N_b, D]
+        extensions = {p: Extension(partial(self.geometry, partition=p), position, time) for p in subs}
+
+        def through(target_x: Tensor) -> Tensor:  # [c, D] -> [c, D]
+            copies = target_x.new_zeros(len(target_x), PARTITIONS, self.cfg.dim)  # [c, N_b, D]
             for p, parts in subs.items():
-                ext = Extension(partial(self.geometry, partition=p), position, time)
                 x = target_x[None]
                 for sub, block in zip(parts, self.blocks):
-                    x = block.rank(x, sub, ext)
+                    x = block.rank(x, sub, extensions[p])
                 copies[:, p] = x[0]
-            fused = self.target_fusion(copies, target_x, gap.expand(len(chunk), -1), present.expand(len(chunk), -1))
-            rel, eng = self.head(self.final_norm(fused))
-            relevance.append(rel)
-            engage.append(torch.sigmoid(eng))
-        if not relevance:
-            empty = torch.zeros(0, device=dev)
-            return empty, empty
-        return torch.cat(relevance), torch.cat(engage)
+            c = len(target_x)
+            return self.target_fusion(copies, target_x, gap.expand(c, -1), present.expand(c, -1))
+
+        return through

@@ -554,21 +554,34 @@ class SequentialRecommender(nn.Module):
         Returns relevance logits [C] and engagement probabilities [C]."""
         dev = self.item_emb.weight.device
         candidates = candidates.to(dev)
+        through = self.target_pass(state, ts)
         relevance, engage = [], []
         for start in range(0, candidates.shape[0], batch):
             chunk = candidates[start:start + batch]  # [c]
-            ext = Extension(self.geometry, torch.tensor([state.events_consumed], device=dev),
-                            torch.tensor([int(ts)], device=dev))  # one position and time for all
-            x = self.embed(chunk, torch.zeros_like(chunk))[None]  # [1, c, D]
-            for part, block in zip(state.layers, self.blocks):
-                x = block.rank(x, part, ext)
-            rel, eng = self.head(self.final_norm(x[0]))
+            rel, eng = self.head(self.final_norm(through(self.embed(chunk, torch.zeros_like(chunk)))))
             relevance.append(rel)
             engage.append(torch.sigmoid(eng))
         if not relevance:
             empty = torch.zeros(0, device=dev)
             return empty, empty
         return torch.cat(relevance), torch.cat(engage)
+
+    def target_pass(self, state: State, ts: int) -> Callable[[Tensor], Tensor]:
+        """How target tokens pass through `state`: a function of their embeddings [c, D] -> their last
+        hidden [c, D] before the final norm. What depends only on the state (here one position and time
+        for all targets, so one geometry) is prepared once for every batch; a backbone with another
+        state layout (ASTRO) overrides this alone."""
+        dev = self.item_emb.weight.device
+        ext = Extension(self.geometry, torch.tensor([state.events_consumed], device=dev),
+                        torch.tensor([int(ts)], device=dev))
+
+        def through(x: Tensor) -> Tensor:
+            x = x[None]  # [1, c, D]
+            for part, block in zip(state.layers, self.blocks):
+                x = block.rank(x, part, ext)
+            return x[0]
+
+        return through
 
 
 def log_bucket(distance: Tensor, num_buckets: int, exact: int = 16, max_distance: int = 4096) -> Tensor:

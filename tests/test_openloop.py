@@ -8,7 +8,6 @@ latency near the service time (it slows down with the service instead: coordinat
 
 from __future__ import annotations
 
-import json
 import os
 import statistics
 import subprocess
@@ -16,7 +15,7 @@ import sys
 import threading
 import time
 from dataclasses import replace
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -27,6 +26,7 @@ from kvrec.loadtest.options import ReplayOptions
 from kvrec.loadtest.records import read_records
 from kvrec.loadtest.streams import Pacing, StreamPool, UserStream, plan_requests
 from kvrec.loadtest.sweep import SweepConfig, run_locust
+from test_loadtest_locustfile import StubHandler
 
 ROOT = Path(__file__).resolve().parents[1]
 DATASET = "synth-short:users=12,mean_len=60"
@@ -170,22 +170,10 @@ class SerialStub(ThreadingHTTPServer):
         pass  # a client that hung up at the end of its run (a cut-off request) is no failure here
 
 
-class SerialHandler(BaseHTTPRequestHandler):
+class SerialHandler(StubHandler):
+    """The locustfile test's stub, answering one request at a time after `service_s`."""
+
     protocol_version = "HTTP/1.1"  # keep-alive, as the real service
-
-    def log_message(self, *args) -> None:
-        pass
-
-    def _reply(self, body: dict) -> None:
-        data = json.dumps(body).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def _body(self) -> dict:
-        return json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
 
     def do_PUT(self) -> None:
         self._body()
