@@ -331,6 +331,21 @@ def replay_streams(dataset, events_per_request: int, max_users: int | None, min_
     return [s for s in streams if len(s.future) > events_per_request][:max_users]
 
 
+def unseen_users(dataset, checkpoints: list) -> tuple[frozenset[int] | None, str]:
+    """The users a replay of `checkpoints` should score, and a line that says which: the users every model
+    was kept from in training (`kvrec train --holdout-users`; by the rule of models.data.holdout_users,
+    those of the smallest fraction), or None (every user) when some model trained on all of them, said
+    plainly, since the replay then predicts events that model was fitted to."""
+    from kvrec.models.data import holdout_users
+
+    fraction = min(float(c.info.get("train", {}).get("holdout", 0.0)) for c in checkpoints)
+    if fraction == 0.0:
+        return None, ("replaying users the model trained on (in-sample accuracy; train with --holdout-users "
+                      "to replay users it never saw)")
+    users = holdout_users(dataset, fraction)
+    return users, f"replaying the {len(users)} users held out of training ({fraction:g} of {len(dataset.seqs)})"
+
+
 def seen_is_excluded(streams: list) -> bool:
     """Whether the catalogue ranking excludes items already seen: when the data never repeats an item."""
     from kvrec.models.evaluate import has_repeats

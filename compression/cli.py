@@ -7,6 +7,8 @@ serve`, `sweep`): the default list, its parser and the check of each spec agains
 
 from __future__ import annotations
 
+import sys
+
 from kvrec.models.cli import UsageError, at_least, fraction, int_list, positive_int
 from kvrec.models.data_cli import add_layout_arguments
 
@@ -70,7 +72,7 @@ def register_bench(bench_sub) -> None:
 
 def offline(args) -> int:
     import torch
-    from kvrec.compression.bench import run_offline
+    from kvrec.compression.bench import run_offline, unseen_users
     from kvrec.compression.report import markdown_table, write_results
     from kvrec.compression.spec import describe_policies
     from kvrec.models.checkpoint import load_checkpoint
@@ -88,14 +90,17 @@ def offline(args) -> int:
         torch.set_num_threads(args.threads)
     checkpoint = load_checkpoint(args.model)
     dataset = load_dataset(args.dataset, format=args.format, columns=args.columns)
-    streams = stream_split(dataset, fraction=args.fraction, min_future=args.events_per_request + 1)
+    users, which = unseen_users(dataset, [checkpoint])
+    print(which, file=sys.stderr)
+    streams = stream_split(dataset, fraction=args.fraction, min_future=args.events_per_request + 1, users=users)
     if not streams:
         raise UsageError(f"{dataset.name}: no user has {args.events_per_request + 1} events after the prefix; "
                          "lower --events-per-request or --fraction")
     rows = run_offline(checkpoint, streams, specs, events_per_request=args.events_per_request,
                        max_users=args.max_users, max_requests_per_user=args.max_requests_per_user,
                        negatives=args.negatives, seed=args.seed, rank_candidates=args.candidates)
-    title = (f"{checkpoint.config.kind} on {args.dataset}: {rows[0]['users']} users, "
+    title = (f"{checkpoint.config.kind} on {args.dataset}: {rows[0]['users']} users "
+             f"({'held out of training' if users is not None else 'trained on'}), "
              f"{args.events_per_request} events/request")
     out = write_results(rows, args.out, title)
     print(markdown_table(rows))
@@ -162,6 +167,7 @@ def register_levels(bench_sub) -> None:
 
 def levels(args) -> int:
     import torch
+    from kvrec.compression.bench import unseen_users
     from kvrec.compression.bench_levels import INTERVAL, check_same_dataset, labels_of, run_levels
     from kvrec.compression.report import levels_table, write_levels
     from kvrec.models.checkpoint import load_checkpoint
@@ -178,13 +184,16 @@ def levels(args) -> int:
     if dataset.item_ids != checkpoints[0].item_ids:
         raise UsageError(f"the item ids of {dataset.name} differ from the models'; give the dataset "
                          f"{args.models[0]} was trained on")
-    streams = stream_split(dataset, fraction=args.fraction, min_future=args.events_per_request + 1)
+    users, which = unseen_users(dataset, checkpoints)
+    print(which, file=sys.stderr)
+    streams = stream_split(dataset, fraction=args.fraction, min_future=args.events_per_request + 1, users=users)
     rows = run_levels(checkpoints, streams, specs, labels=labels, events_per_request=args.events_per_request,
                       max_users=args.max_users, max_requests_per_user=args.max_requests_per_user,
                       negatives=args.negatives, seed=args.seed, lengths=args.lengths,
                       growth_request=args.growth_request)
     done = next(r for r in rows if not r.get("skipped"))
-    title = (f"MALLOC levels against {labels[0]} `full` on {args.dataset}\n{done['users']} users, "
+    title = (f"MALLOC levels against {labels[0]} `full` on {args.dataset}\n{done['users']} users "
+             f"({'held out of training' if users is not None else 'trained on'}), "
              f"{done['requests']} requests of {args.events_per_request} events")
     lengths = ", ".join(f"{n:,}" for n in sorted(set(args.lengths)))
     notes = (f"NDCG@10 vs base: paired per request against {labels[0]} `full`; {INTERVAL}. Sizes at {lengths} "

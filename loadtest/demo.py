@@ -18,6 +18,7 @@ from pathlib import Path
 
 # deterministic: the Locust processes regenerate it. window=30: favourites return unseen for 30+ events
 DATASET = "synth-long:users=300,mean_len=150,max_len=200,window=30"
+HOLDOUT = 0.34  # about 100 of the 300 users are kept out of training: the sweep replays them
 POLICIES = ["full", "int8", "kivi:bits=2", "h2o:budget=16,recent=8", "recompute"]
 
 
@@ -32,7 +33,7 @@ def train_model(dataset: str, out: Path, max_minutes: float) -> Path:
     ds = load_dataset(dataset)
     model_cfg = ModelConfig(kind="hstu", dim=64, layers=2, heads=2, d_k=32, d_v=32, max_len=200)
     train_cfg = TrainConfig(epochs=40, patience=3, max_minutes=max_minutes, max_valid_users=200,
-                            lr=DEFAULT_LR["hstu"])
+                            lr=DEFAULT_LR["hstu"], holdout=HOLDOUT)
     model, summary = train(ds, model_cfg, train_cfg)
     save_checkpoint(out, model, ds.item_ids, ds.fingerprint(), info=summary)
     print(f"trained HSTU on {ds.name} in {summary['minutes']} min: validation NDCG@10 "

@@ -96,7 +96,7 @@ def _on_test_start(environment, **_kw) -> None:
     opts = ReplayOptions.from_namespace(environment.parsed_options)
     runner = environment.runner
     source = load_source(opts.dataset, prefix_fraction=opts.prefix_fraction,
-                         max_users=opts.replay_users)
+                         max_users=opts.replay_users, holdout=opts.holdout)
     if not isinstance(runner, WorkerRunner):
         if not environment.host:
             raise ValueError("no --host: give the service's base URL, e.g. --host http://127.0.0.1:8000")

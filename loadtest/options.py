@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 
 from kvrec.loadtest.streams import Pacing
-from kvrec.models.cli import at_least, fraction, non_negative_float, positive_int
+from kvrec.models.cli import at_least, between, fraction, non_negative_float, positive_int
 
 
 def option(default, help: str, *, parse=None, choices=None, sweep: bool = True):
@@ -37,6 +37,10 @@ class ReplayOptions:
     replay_users: int = option(200, (
         "replay at most this many dataset users (the first ones, in dataset order), across all workers"),
         parse=positive_int)
+    holdout: float = option(0.0, (
+        "replay only the users a model trained with `kvrec train --holdout-users F` never saw: give F "
+        "(`kvrec sweep` takes its model's when not given); 0: the first --replay-users users"),
+        parse=between(0.0, 0.99))
     events_per_request: int = option(1, "events sent with each POST /recommend", parse=positive_int)
     candidates: str = option("catalogue", (
         "catalogue: top-k over the whole catalogue; sampled: rank the true next items plus --negatives "

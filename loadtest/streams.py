@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 # Imported here, not lazily: torch's import takes seconds, and a Locust worker that first imports it
 # inside test_start stops answering its master's heartbeats for that long.
-from kvrec.models.data import load_dataset, stream_split
+from kvrec.models.data import holdout_users, load_dataset, stream_split
 from kvrec.models.evaluate import has_repeats
 
 
@@ -41,14 +41,16 @@ class ReplaySource:
     repeats: bool  # some user consumes an item twice: excluding seen items would hide true targets
 
 
-def load_source(dataset: str, *, prefix_fraction: float, max_users: int) -> ReplaySource:
+def load_source(dataset: str, *, prefix_fraction: float, max_users: int, holdout: float = 0.0) -> ReplaySource:
     """Stream split of `dataset` (a name, path or synth spec, as `models.data.load_dataset` takes).
 
     The first `max_users` users with a non-empty prefix and future are kept, in dataset order, so every
-    process (Locust master and workers) derives the same list and can partition it without talking.
+    process (Locust master and workers) derives the same list and can partition it without talking; with
+    `holdout`, only users held out of training at that share (`models.data.holdout_users`).
     """
     ds = load_dataset(dataset)
-    split = stream_split(ds, fraction=prefix_fraction)[:max_users]
+    users = holdout_users(ds, holdout) if holdout else None
+    split = stream_split(ds, fraction=prefix_fraction, users=users)[:max_users]
     if not split:
         raise ValueError(f"{dataset}: no user has both a prefix and a future at fraction {prefix_fraction}")
 

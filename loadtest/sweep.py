@@ -396,8 +396,10 @@ def check_inputs(cfg: SweepConfig, source: ReplaySource | None = None) -> Replay
 
     checkpoint = load_checkpoint(cfg.model)
     check_policies(cfg.policies, checkpoint)
+    if not cfg.replay.holdout:  # the model's held-out users, whom Locust then replays too (to_flags)
+        cfg.replay = replace(cfg.replay, holdout=float(checkpoint.info.get("train", {}).get("holdout", 0.0)))
     source = source or load_source(cfg.replay.dataset, prefix_fraction=cfg.replay.prefix_fraction,
-                                   max_users=cfg.replay.replay_users)
+                                   max_users=cfg.replay.replay_users, holdout=cfg.replay.holdout)
     if set(source.catalogue).isdisjoint(checkpoint.item_ids):
         raise UsageError(f"none of the items of {source.name} is in the catalogue of {cfg.model}; replay the "
                          "dataset the model was trained on")
@@ -480,7 +482,9 @@ def run_sweep(cfg: SweepConfig, source: ReplaySource | None = None, echo=print) 
     (cfg.out / "run.json").write_text(json.dumps(run, indent=2) + "\n")
     store = (f"a {cfg.redis_cluster}-master Redis Cluster" if cfg.redis_cluster
              else "a private Redis" if cfg.redis_url is None else "Redis at --redis-url")
-    details = [f"Dataset `{source.name}` ({len(source.streams)} users replayed), model `{cfg.model.name}`, "
+    details = [f"Dataset `{source.name}` ({len(source.streams)} users replayed, "
+               f"{'held out of training' if cfg.replay.holdout else 'users the model trained on'}), "
+               f"model `{cfg.model.name}`, "
                f"{describe_load(cfg)} per policy, {cfg.replay.events_per_request} event(s) per request, "
                f"{cfg.replay.candidates} ranking, {store}; "
                f"machine: {run['machine'].get('cpu')} x {os.cpu_count()}.",

@@ -122,6 +122,10 @@ def register(sub) -> None:
     p.add_argument("--max-minutes", type=at_least(0.0, float), default=None,
                    help="stop after this many minutes of training (default: no limit)")
     p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--holdout-users", type=between(0.0, 0.99), default=0.0, metavar="FRACTION",
+                   help="keep this share of users (chosen by a hash of the user id) out of training altogether; "
+                   "`kvrec bench offline|levels` then replay only them, so accuracy is measured on users the "
+                   "model never saw rather than on its own training events (default: 0, train on every user)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--threads", type=positive_int, default=None,
                    help="torch CPU threads (default: torch's choice; 1 is faster on a busy machine)")
@@ -233,7 +237,7 @@ def cmd_train(args) -> int:
                             pair_budget=args.pair_budget, seed=args.seed, task=args.task, rank_cuts=args.rank_cuts,
                             rank_negatives=args.rank_negatives, rank_sampling=args.rank_sampling,
                             rank_weight=args.rank_weight, engage_weight=args.engage_weight,
-                            eval_candidates=args.eval_candidates)
+                            eval_candidates=args.eval_candidates, holdout=args.holdout_users)
     if args.task == "ranking" and not dataset.engagement_actions:
         print(f"{dataset.name} has no engagement label: the ranking head learns relevance only", file=sys.stderr)
     model, summary = train(dataset, model_cfg, train_cfg, device=device)

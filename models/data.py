@@ -674,14 +674,34 @@ class LooSplit:
     test: list[EvalCase]  # history seq[:-1], target seq[-1]
 
 
-def leave_one_out(ds: Dataset) -> LooSplit:
+def holdout_users(ds: Dataset, fraction: float) -> frozenset[int]:
+    """The users (indices into `ds.seqs`) that `kvrec train --holdout-users fraction` keeps out of
+    training: the round(fraction x users) whose ids hash lowest.
+
+    A replay of training users scores predictions of events the model was fitted to, which rewards
+    memorising over generalising and can reorder models (a model's replay accuracy on its own training
+    data need not follow its accuracy on new users). The rule depends on the user ids alone, so a
+    benchmark finds the same users from the dataset and the fraction the checkpoint records, whatever
+    the order of the file, and a smaller fraction's users are among a larger one's: the users held out
+    by several models trained with different fractions are those of the smallest.
+    """
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"holdout fraction must be in [0, 1), got {fraction}")
+    rank = sorted(range(len(ds.user_ids)),
+                  key=lambda u: hashlib.blake2b(f"kvrec-holdout:{ds.user_ids[u]}".encode(), digest_size=8).digest())
+    return frozenset(rank[:round(fraction * len(rank))])
+
+
+def leave_one_out(ds: Dataset, skip: frozenset[int] = frozenset()) -> LooSplit:
     """The standard SASRec protocol: the last event is the test target, the one before it validation.
 
     Users with fewer than 3 events cannot give both a non-empty history and two targets: their whole
-    sequence goes to training and they are not evaluated.
+    sequence goes to training and they are not evaluated. Users in `skip` (held out) are left out.
     """
     train, valid, test = [], [], []
     for u, s in enumerate(ds.seqs):
+        if u in skip:
+            continue
         if len(s) < 3:
             train.append(s)
             continue
@@ -708,16 +728,20 @@ def stream_split(
     cut_time: int | None = None,
     min_prefix: int = 1,
     min_future: int = 1,
+    users: frozenset[int] | None = None,
 ) -> list[StreamUser]:
     """Cut each history into prefix and future: at global time `cut_time` (events with ts < cut_time
     form the prefix) or, when `cut_time` is None, after the first round(fraction * len) events.
 
-    Users whose prefix or future would be shorter than `min_prefix` / `min_future` are skipped.
+    Users whose prefix or future would be shorter than `min_prefix` / `min_future` are skipped, and with
+    `users` (indices, e.g. `holdout_users`) every user not among them.
     """
     if cut_time is None and (fraction is None or not 0.0 <= fraction <= 1.0):
         raise ValueError(f"give cut_time, or a fraction in [0, 1] (got {fraction})")
     out = []
     for u, s in enumerate(ds.seqs):
+        if users is not None and u not in users:
+            continue
         if cut_time is not None:
             k = int(torch.searchsorted(s.ts, torch.tensor(cut_time)))  # ts is sorted within a user
         else:

@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.nn.functional as F
-from kvrec.models.data import DataError, Dataset, leave_one_out
+from kvrec.models.data import DataError, Dataset, holdout_users, leave_one_out
 from kvrec.models.evaluate import (
     engagement_labels,
     evaluate,
@@ -55,6 +55,7 @@ class TrainConfig:
     max_minutes: float | None = None  # wall-clock cap, checked after each epoch
     pair_budget: int = 32_000_000  # B x L x L attention entries per batch: bounds memory for long windows
     seed: int = 0
+    holdout: float = 0.0  # share of users kept out of training, for replays of unseen users (data.holdout_users)
     task: str = "retrieval"  # or "ranking": retrieval plus a target-aware ranking head, trained jointly
     rank_cuts: int = 8  # cut points per window, each a ranking list
     rank_negatives: int = 15  # sampled negatives per cut, beside the true next item
@@ -218,7 +219,8 @@ def train(dataset: Dataset, model_cfg: ModelConfig, cfg: TrainConfig, device: st
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
-    split = leave_one_out(dataset)
+    held = holdout_users(dataset, cfg.holdout)
+    split = leave_one_out(dataset, skip=held)
     wins = windows(split.train, model_cfg.max_len)
     ranking = cfg.task == "ranking"
     # time buckets up to the widest gap a training window holds: longer gaps at serving share the last one
@@ -280,7 +282,8 @@ def train(dataset: Dataset, model_cfg: ModelConfig, cfg: TrainConfig, device: st
     summary = {"task": cfg.task, "train": asdict(cfg), "best_epoch": best_epoch, "selected_on": selected_on,
                "valid_ndcg@10": best_row["valid_ndcg@10"], "epochs_run": len(history),
                "minutes": round((time.time() - started) / 60, 2), "windows": len(wins), "device": str(device),
-               "exclude_seen": exclude_seen, "engagement_actions": sorted(engaged), "history": history}
+               "exclude_seen": exclude_seen, "engagement_actions": sorted(engaged), "heldout_users": len(held),
+               "history": history}
     if ranking:
         summary["valid_ranking"] = evaluate_ranking(model, dataset.seqs, valid, candidates=cfg.eval_candidates,
                                                     engaged=engaged, history=model_cfg.max_len, seed=cfg.seed,
