@@ -170,14 +170,19 @@ class PerRow(PerTensor):
 
     row_parts: ClassVar[tuple[str, ...]]  # the parts `encode` writes
 
-    def fresh(self, state: State, layer: int) -> Tensor | None:
-        """Indices [n] of the tokens of `layer` to quantize now (new, or rewritten since their blob was
-        read), or None when the state carries no record (every token: a prefill, a rebuild)."""
+    def fresh(self, state: State, layer: int) -> Tensor | slice | None:
+        """The tokens of `layer` to quantize now (new, or rewritten since their blob was read): a slice
+        when they are one run (the new tokens at the end, as a rule: indexing by a slice is a view where
+        indexing by a tensor costs some 20 us a call), else indices [n]; None when the state carries no
+        record (every token: a prefill, a rebuild)."""
         if READ not in state.extras:
             return None
         part, read = state.layers[layer], state.extras[READ][layer].numpy()  # [2, T]: position + 1, weight
         # numpy: a few microseconds where each torch call on a vector of 1,000 costs five to twenty
-        return torch.from_numpy(np.flatnonzero((read[0] != part.pos.numpy() + 1) | (read[1] != part.weight.numpy())))
+        fresh = np.flatnonzero((read[0] != part.pos.numpy() + 1) | (read[1] != part.weight.numpy()))
+        if len(fresh) == 0 or fresh[-1] - fresh[0] == len(fresh) - 1:
+            return slice(int(fresh[0]), int(fresh[-1]) + 1) if len(fresh) else slice(0, 0)
+        return torch.from_numpy(fresh)
 
     def pack(self, state: State) -> dict[str, Tensor]:
         named, reused = {}, {}  # what to quantize now by "{layer}.{name}"; layer -> its fresh tokens
@@ -219,7 +224,7 @@ class PerRow(PerTensor):
             for n, x in part.tokens.items():
                 if fresh is None:
                     dense[n] = self.decode(tensor_parts(mine, n), tuple(x.shape))
-                elif len(fresh):
+                elif count(fresh):
                     dense[n] = x.clone()
                     dense[n][:, fresh] = self.decode({p: mine[f"{n}.{p}"][:, fresh] for p in self.row_parts},
                                                      tuple(x.shape))
@@ -231,12 +236,17 @@ class PerRow(PerTensor):
                     dense[f"row_{p}"] = to_rows(rows)
                 else:
                     record = state.extras[f"row_{p}"][layer]
-                    if len(fresh):
+                    if count(fresh):
                         record = record.clone()
                         record[:, fresh] = to_rows([r[:, fresh] for r in rows])
                     dense[f"row_{p}"] = record
             out.append(dense)
         return out
+
+
+def count(index: Tensor | slice) -> int:
+    """How many tokens an index of `PerRow.fresh` selects."""
+    return index.stop - index.start if isinstance(index, slice) else len(index)
 
 
 def word_type(parts: list[Tensor]) -> np.dtype:
