@@ -129,14 +129,6 @@ class Storage(Policy):
     def layer_bytes(self, shapes: Shapes) -> int:
         raise NotImplementedError
 
-    def unpack_tokens(self, parts: dict[str, Tensor], shapes: list[Shapes],
-                      tokens: list[list[str]]) -> list[dict[str, Tensor]]:
-        """`unpack`, told each layer's token tensor names (`tokens`): the codec's entry point, for a
-        storage whose carried record covers whichever tensors are per-token (per-row formats carry
-        each token's codes). Default: `unpack`, whose layers hold the carried extras (KIVI knows its
-        token tensors, k and v)."""
-        return self.unpack(parts, shapes)
-
     def restore(self, state: State, parts: dict[str, Tensor]) -> list[dict[str, Tensor]]:
         """What `unpack` gives back for the parts `pack(state)` just wrote, tensor for tensor, without
         reading them from a blob. Default: unpack them; a storage that re-emits what it carried can
@@ -193,25 +185,19 @@ class PerTensor(Storage):
         raise NotImplementedError
 
     def pack(self, state: State) -> dict[str, Tensor]:
-        return self.encode_all({f"{layer}.{name}": x for layer, part in enumerate(state.layers)
-                                for name, x in part.tensors().items()})
-
-    def encode_all(self, named: dict[str, Tensor], batched: bool | None = None) -> dict[str, Tensor]:
-        """Tensors by name -> their parts ("{name}.{part}", or "{name}" for a one-part format), in the
-        format's own order (batches, then parts: the blob's payload order follows it). `batched`
-        overrides how they are computed (a few rows of many tensors are always cheaper batched)."""
+        named = {f"{layer}.{name}": x for layer, part in enumerate(state.layers) for name, x in part.tensors().items()}
+        widths = {x.shape[-1] for x in named.values()} if self.batched else set()
+        batches = [[n for n, x in named.items() if x.shape[-1] == d] for d in sorted(widths)]
+        batches += [[n] for n in named if not self.batched]
         out = {}
-        for names in batches(named, self.batched if batched is None else batched):
+        for names in batches:
             rows = [named[n].reshape(-1, named[n].shape[-1]) for n in names]  # [R_i, d]
             encoded = self.encode(torch.cat(rows) if len(rows) > 1 else named[names[0]])
             for p, t in encoded.items():
                 chunks = t.split([len(r) for r in rows]) if len(rows) > 1 else [t]
                 for n, chunk in zip(names, chunks):
                     out[n + (f".{p}" if p else "")] = chunk.reshape(*named[n].shape[:-1], t.shape[-1])
-        if batched is None or batched == self.batched:
-            return out
-        return {key: out[key] for names in batches(named, self.batched) for n in names
-                for key in out if key == n or key.startswith(n + ".")}
+        return out
 
     def unpack(self, parts: dict[str, Tensor], shapes: list[Shapes]) -> list[dict[str, Tensor]]:
         out = []
@@ -223,14 +209,6 @@ class PerTensor(Storage):
 
     def layer_bytes(self, shapes: Shapes) -> int:
         return sum(self.nbytes(tuple(shape)) for shape in shapes.values())
-
-
-def batches(named: dict[str, Tensor], batched: bool) -> list[list[str]]:
-    """The names of tensors encoded together: all of one width, widths ascending, when `batched`; else
-    each on its own, in order."""
-    if not batched:
-        return [[n] for n in named]
-    return [[n for n, x in named.items() if x.shape[-1] == d] for d in sorted({x.shape[-1] for x in named.values()})]
 
 
 def tensor_parts(mine: dict[str, Tensor], name: str) -> dict[str, Tensor]:

@@ -78,7 +78,7 @@ def encode_restored(state: State, pipeline: Pipeline, model_fingerprint: str) ->
                          {n: tensors[n] for n in part.fixed}) for part, tensors in zip(state.layers, dense)]
     extras = {name: [t.float() for t in per_layer] for name, per_layer in sorted(state.extras.items())
               if name not in storage.carries}
-    for name in storage.carries if state.token_names() else ():
+    for name in storage.carries:
         extras[name] = ([read_tag(part) for part in layers] if name == READ else [d[name] for d in dense])
     hidden = None if state.last_hidden is None else state.last_hidden.float()
     return blob, State(state.kind, layers, hidden, state.events_consumed, extras)
@@ -208,8 +208,7 @@ def decode_state(blob: bytes, pipeline: Pipeline, model_fingerprint: str) -> Sta
         layers = header["layers"]
         shapes = [{**layer["t"], **layer["f"]} for layer in layers]
         storage = pipeline.storage
-        dense = storage.unpack_tokens({n: t for n, t in tensors.items() if n[0].isdigit()}, shapes,
-                                      [list(layer["t"]) for layer in layers])
+        dense = storage.unpack({n: t for n, t in tensors.items() if n[0].isdigit()}, shapes)
         tokens = [next(iter(layer["t"].values()))[1] if layer["t"] else 0 for layer in layers]
         has_tokens = any(layer["t"] for layer in layers)
         seq = header["seq"]
@@ -233,7 +232,7 @@ def decode_state(blob: bytes, pipeline: Pipeline, model_fingerprint: str) -> Sta
             raise ValueError("token metadata does not match the token tensors")
         extras = {name: per_layer(f"x.{name}", None) for name in sorted({n.split(".")[1] for n in tensors
                                                                            if n.startswith("x.")})}
-        for name in storage.carries if has_tokens else ():  # the storage's record, and READ as read
+        for name in storage.carries:  # the storage's own record, and READ as this blob was read
             extras[name] = [read_tag(part) for part in parts] if name == READ else [d.pop(name) for d in dense]
         return State(kind=header["kind"], layers=parts, last_hidden=tensors.get("h"),
                      events_consumed=int(header["events"]), extras=extras)

@@ -272,14 +272,12 @@ def golden_run(name: str, requests: int = 4) -> list[str]:
             h.update(t.contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b"")
         return h.hexdigest()
 
-    later = () if "kivi" in spec else pipeline.storage.carries
     out = []
     for _ in range(requests):
         blob = encode_state(pipeline.compress(state, None), pipeline, "m")
         state = decode_state(blob, pipeline, "m")
         tensors = [t for part in state.layers for t in (*part.tensors().values(), part.pos, part.ts, part.weight)]
-        # what the reference decoded: int8 and int4 carry their codes since (tests/test_codec_speed_paths.py)
-        tensors += [t for n in sorted(state.extras) if n not in later for t in state.extras[n]] + [state.last_hidden]
+        tensors += [t for n in sorted(state.extras) for t in state.extras[n]] + [state.last_hidden]
         out.append(f"{xxhash.xxh3_64_hexdigest(blob)}:{digest(tensors)}")
         if tokens is not None and added:  # a model's extend: new tokens appended, carried extras padded
             for part in state.layers:

@@ -15,21 +15,9 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import ClassVar
 
-import numpy as np
 import torch
-from kvrec.compression.base import (
-    READ,
-    Dims,
-    KVStorage,
-    PerTensor,
-    Policy,
-    Shapes,
-    kv_dims,
-    layer_parts,
-    tensor_parts,
-)
+from kvrec.compression.base import READ, Dims, KVStorage, PerTensor, Policy, Shapes, kv_dims, layer_parts
 from kvrec.compression.quant import (
     FP16_MAX,
     absmax_scale,
@@ -148,160 +136,13 @@ class FP8(PerTensor):
         return math.prod(shape) + 2 * math.prod(shape[:-1])
 
 
-WORDS = tuple(map(np.dtype, (np.int64, np.int32, np.int16, np.uint8)))
-
-
-class PerRow(PerTensor):
-    """A per-tensor format whose parts of a row depend on that row alone (int8's codes and scale, int4's
-    codes, scales and zeros per group of channels), so each token's parts are its own. Between requests
-    the state carries them (`carries`, see `Storage`), and a request quantizes only the tokens that are
-    new or that a token stage rewrote since the blob was read (READ, as KIVI tells them); the others are
-    re-emitted as stored. That is the blob re-quantizing gives, byte for byte: a decoded row quantizes to
-    its own codes (see `quant`; tests/test_codec_speed_paths.py checks it against fresh quantization,
-    eviction and merging included), and it spares the arithmetic (at 1,000 tokens quantizing every token
-    cost 0.6 ms of a 10 ms request). Fixed tensors, which have no token axis, are quantized whole.
-
-    A layer's record is, per part p (`row_parts`), one carried extra "row_p" [R, T]: the part's bytes of
-    each token tensor (in the layer's order) and head, as words of the widest integer type that divides
-    every row's bytes, token axis last as carried extras are. Moving rows between the blob's layout
-    [G, T, n] and this one is a transposed copy, 8 bytes an element in int64 words (byte by byte, 6x
-    slower).
-    """
-
-    row_parts: ClassVar[tuple[str, ...]]  # the parts `encode` writes
-
-    def fresh(self, state: State, layer: int) -> Tensor | slice | None:
-        """The tokens of `layer` to quantize now (new, or rewritten since their blob was read): a slice
-        when they are one run (the new tokens at the end, as a rule: indexing by a slice is a view where
-        indexing by a tensor costs some 20 us a call), else indices [n]; None when the state carries no
-        record (every token: a prefill, a rebuild)."""
-        if READ not in state.extras:
-            return None
-        part, read = state.layers[layer], state.extras[READ][layer].numpy()  # [2, T]: position + 1, weight
-        # numpy: a few microseconds where each torch call on a vector of 1,000 costs five to twenty
-        fresh = np.flatnonzero((read[0] != part.pos.numpy() + 1) | (read[1] != part.weight.numpy()))
-        if len(fresh) == 0 or fresh[-1] - fresh[0] == len(fresh) - 1:
-            return slice(int(fresh[0]), int(fresh[-1]) + 1) if len(fresh) else slice(0, 0)
-        return torch.from_numpy(fresh)
-
-    def pack(self, state: State) -> dict[str, Tensor]:
-        named, reused = {}, {}  # what to quantize now by "{layer}.{name}"; layer -> its fresh tokens
-        for layer, part in enumerate(state.layers):
-            fresh = self.fresh(state, layer) if part.tokens else None
-            if fresh is not None:
-                reused[layer] = fresh
-            named.update({f"{layer}.{n}": x if fresh is None else x[:, fresh] for n, x in part.tokens.items()})
-            named.update({f"{layer}.{n}": x for n, x in part.fixed.items()})
-        # the few fresh rows of every tensor as one batch: a handful of torch calls in all, not per tensor
-        out = self.encode_all(named, batched=True if reused else None)
-        for layer, fresh in reused.items():
-            names = list(state.layers[layer].tokens)
-            for p in self.row_parts:
-                keys = [f"{layer}.{n}.{p}" for n in names]
-                stored = from_rows(state.extras[f"row_{p}"][layer], [out[k] for k in keys])  # [G, T, n] each
-                for key, full in zip(keys, stored):
-                    full[:, fresh] = out[key]
-                    out[key] = full
-        return out
-
-    def unpack_tokens(self, parts: dict[str, Tensor], shapes: list[Shapes],
-                      tokens: list[list[str]]) -> list[dict[str, Tensor]]:
-        dense = self.unpack(parts, shapes)
-        for layer, (out, names) in enumerate(zip(dense, tokens)):
-            mine = layer_parts(parts, layer)
-            out.update({f"row_{p}": to_rows([mine[f"{n}.{p}"] for n in names]) for p in self.row_parts})
-        return dense
-
-    def restore(self, state: State, parts: dict[str, Tensor]) -> list[dict[str, Tensor]]:
-        """What decoding the parts `pack(state)` wrote gives: a token re-emitted as stored decodes to what
-        `state` holds (the decoding of those very parts), so only the fresh tokens are dequantized, and
-        their rows written into a copy of the carried record."""
-        out = []
-        for layer, part in enumerate(state.layers):
-            mine = layer_parts(parts, layer)
-            fresh = self.fresh(state, layer) if part.tokens else None
-            dense = {n: self.decode(tensor_parts(mine, n), tuple(x.shape)) for n, x in part.fixed.items()}
-            for n, x in part.tokens.items():
-                if fresh is None:
-                    dense[n] = self.decode(tensor_parts(mine, n), tuple(x.shape))
-                elif count(fresh):
-                    dense[n] = x.clone()
-                    dense[n][:, fresh] = self.decode({p: mine[f"{n}.{p}"][:, fresh] for p in self.row_parts},
-                                                     tuple(x.shape))
-                else:
-                    dense[n] = x
-            for p in self.row_parts:
-                rows = [mine[f"{n}.{p}"] for n in part.tokens]  # [G, T, n] each
-                if fresh is None:
-                    dense[f"row_{p}"] = to_rows(rows)
-                else:
-                    record = state.extras[f"row_{p}"][layer]
-                    if count(fresh):
-                        record = record.clone()
-                        record[:, fresh] = to_rows([r[:, fresh] for r in rows])
-                    dense[f"row_{p}"] = record
-            out.append(dense)
-        return out
-
-
-def count(index: Tensor | slice) -> int:
-    """How many tokens an index of `PerRow.fresh` selects."""
-    return index.stop - index.start if isinstance(index, slice) else len(index)
-
-
-def word_type(parts: list[Tensor]) -> np.dtype:
-    """The widest integer type whose size divides the bytes of a row of every part [G, T, n]."""
-    common = math.gcd(*(x.shape[-1] * x.element_size() for x in parts))
-    return next(w for w in WORDS if common % w.itemsize == 0)
-
-
-def to_rows(parts: list[Tensor]) -> Tensor:
-    """Parts [G_i, T, n_i] of one layer's token tensors -> the carried record [R, T] of their rows as
-    words (R = sum of G_i x words per row), one transposed copy each (numpy's: a third of torch's time
-    into a strided destination, and no per-call overhead to speak of)."""
-    word = word_type(parts)
-    words = [as_words(x, word) for x in parts]  # [G, T, w] each
-    t = parts[0].shape[1] if parts else 0
-    out = np.empty((sum(x.shape[0] * x.shape[2] for x in words), t), word)
-    at = 0
-    for x in words:
-        g, _, w = x.shape
-        np.copyto(out[at:at + g * w].reshape(g, w, t), x.transpose(0, 2, 1))
-        at += g * w
-    return torch.from_numpy(out)
-
-
-def from_rows(record: Tensor, like: list[Tensor]) -> list[Tensor]:
-    """Inverse of `to_rows`: the record [R, T] -> one new tensor [G_i, T, n_i] per part of `like` (any
-    token count: their heads, row widths and dtypes)."""
-    words = record.numpy()
-    t = words.shape[1]
-    out, at = [], 0
-    for x in like:
-        g, w = x.shape[0], x.shape[2] * x.element_size() // words.itemsize
-        rows = torch.empty(g, t, w, dtype=record.dtype)  # torch's row-major strides, which `view` needs
-        np.copyto(rows.numpy(), words[at:at + g * w].reshape(g, w, t).transpose(0, 2, 1))
-        out.append(rows.view(torch.uint8).view(x.dtype))
-        at += g * w
-    return out
-
-
-def as_words(x: Tensor, word: np.dtype) -> np.ndarray:
-    """The bytes of x [..., n] as a numpy array of `word`s along the last dimension (a copy only when x is
-    not row-major)."""
-    x = x if x.is_contiguous() else x.contiguous()
-    return x.view(torch.uint8).numpy().view(word)
-
-
 @register
 @dataclass
-class Int8(PerRow):
+class Int8(PerTensor):
     """Symmetric int8 with an fp16 absmax scale per token and head (per-token quantization as in
     ZeroQuant / LLM.int8's vector-wise scheme): 3.8x at d = 32."""
 
     name = "int8"
-    row_parts = ("q", "s")
-    carries = ("row_q", "row_s", READ)
 
     def encode(self, x: Tensor) -> dict[str, Tensor]:
         return quantize_tokens(x, 8, 0)
@@ -315,14 +156,12 @@ class Int8(PerRow):
 
 @register
 @dataclass
-class Int4(PerRow):
+class Int4(PerTensor):
     """Asymmetric 4-bit codes per group of `group` channels of each token, fp16 scale and zero per group
     (the group-wise scheme of FlexGen / Atom KV quantization): about 6x at group 32."""
 
     name = "int4"
     batched = True
-    row_parts = ("q", "s", "z")
-    carries = ("row_q", "row_s", "row_z", READ)
     group: int = 32
 
     def __post_init__(self) -> None:
