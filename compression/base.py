@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
-from kvrec.models.state import Events, LayerState, State
+from kvrec.models.state import AttentionStats, Events, LayerState, State
 from torch import Tensor
 
 if TYPE_CHECKING:
@@ -140,6 +140,13 @@ class Storage(Policy):
         tokens (tokens <= part.num_tokens), as a function of `tokens`; `carried` holds the layer's
         carried extras by name (empty when there are none). Default: `layer_bytes` of the kept shapes."""
         return lambda tokens: self.layer_bytes(kept_shapes(part, tokens))
+
+    def observe(self, state: State, stats: AttentionStats | None) -> None:
+        """Run by the pipeline on every freshly extended state after its token stage, with the
+        extension's statistics: a storage whose encoding depends on what the current queries read
+        (ThinK's key channels) decides it here and applies it to the dense tensors, replacing them in
+        `state` (whose containers the pipeline copied), so that `pack` finds the decision in the state
+        and the state the service goes on with is what a decode of its blob gives back. Default: nothing."""
 
     def check_token_stage(self, token: Policy | None) -> None:
         """Raise PolicyError when this storage would not do what its name says after `token` (a token

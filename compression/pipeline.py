@@ -4,7 +4,8 @@
 running total `state.extras["acc"]` ([H, T_l] per layer) when a stage ranks tokens by accumulated
 attention (h2o, merge, intact), so that the total is kept once however many stages read it. The token
 stage must be the first thing that changes the token axis, because `AttentionStats` are aligned with the
-extended state; that is why a pipeline has a single token stage.
+extended state; that is why a pipeline has a single token stage. The storage stage then sees the
+statistics once (`Storage.observe`), on the tokens the token stage kept: ThinK picks key channels there.
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ class Pipeline:
             accumulate_attention(state, stats)
         if self.token is not None:
             state = self.token.compress(state, stats, self.storage)
+        self.storage.observe(state, stats)
         return state
 
 

@@ -162,6 +162,7 @@ class LayerStats:
     received: Tensor  # [H, T] attention each kept key received from the new queries
     window: Tensor  # [H, w, T] the weights of the last w new queries
     macs: int
+    query_energy: Tensor | None = None  # [H, w, d_q] their squared query channels (None: not reported)
 
 
 class Block(nn.Module):
@@ -287,9 +288,11 @@ class KVAttention(Block):
         w = self.weights(q, k, ext.geometry(k_pos, k_ts), k_weight[None], mask)  # [1, H, n, T]
         x = self.output(x, grouped_matmul(w, v), ctx)
         t = k_pos.shape[0]
-        by_state_head = per_state_head(w[0], next(iter(tokens.values())).shape[0])  # [G, n, T]
+        heads = next(iter(tokens.values())).shape[0]  # G, the state's head axis
+        by_state_head = per_state_head(w[0], heads)  # [G, n, T]
+        query_energy = per_state_head(q[0, :, -cfg.obs_window:].square(), heads)  # [G, w, d_q]
         macs = cfg.heads * n * t * (q.shape[-1] + v.shape[-1]) + self.expansion_macs(t)
-        stats = LayerStats(by_state_head.sum(1), by_state_head[:, -cfg.obs_window:], macs)
+        stats = LayerStats(by_state_head.sum(1), by_state_head[:, -cfg.obs_window:], macs, query_energy)
         return x, LayerState(tokens, k_pos, k_ts, k_weight), stats
 
     def rank(self, x: Tensor, part: LayerState, ext: Extension) -> Tensor:
@@ -365,8 +368,9 @@ def grouped_matmul(a: Tensor, b: Tensor) -> Tensor:
 
 
 def per_state_head(w: Tensor, heads: int) -> Tensor:
-    """Attention weights of the query heads, w [H, ...] -> their magnitudes summed over the query heads
-    that read each of the state's `heads` heads [heads, ...] (H / heads consecutive query heads each)."""
+    """A statistic of the query heads (attention weights, squared queries), w [H, ...] -> its magnitudes
+    summed over the query heads that read each of the state's `heads` heads [heads, ...] (H / heads
+    consecutive query heads each)."""
     return w.abs().reshape(heads, -1, *w.shape[1:]).sum(1)
 
 
@@ -482,8 +486,10 @@ class SequentialRecommender(nn.Module):
         extras = {name: [F.pad(t, (0, part.num_tokens - t.shape[-1])) for t, part in zip(per_layer, layers)]
                   for name, per_layer in state.extras.items()}
         new = State(state.kind, layers, hidden, state.events_consumed + n, extras)
+        energy = [s.query_energy for s in stats]
         return new, hidden, AttentionStats([s.received for s in stats], [s.window for s in stats],
-                                           sum(s.macs for s in stats))
+                                           sum(s.macs for s in stats),
+                                           None if any(e is None for e in energy) else energy)
 
     @torch.no_grad()
     def prefill(self, events: Events, chunk: int = 1024) -> tuple[State, Tensor | None, AttentionStats]:

@@ -227,11 +227,14 @@ class State:
 
 @dataclass
 class AttentionStats:
-    """Attention statistics of one `extend` call, for score-based policies (H2O, SnapKV, IntactKV).
+    """Attention statistics of one `extend` call, for score-based policies (H2O, SnapKV, IntactKV, ThinK).
 
     received[l]: [G, T_l] float  attention mass that each key of layer l (cached and new, in the order
                                  of the extended state) received from the new queries, summed over them
     window[l]:   [G, w, T_l]     attention weights of the last w new queries (w <= obs_window)
+    query_energy[l]: [G, w, d_q] the same w queries' squared channels q_tc^2, summed over the query
+                                 heads that read each state head (ThinK's key-channel score); None when
+                                 the call had no events or its blocks report none (KVAttention's do)
 
     G is the head axis of the state's token tensors: the query heads, or under grouped-query attention
     the K/V heads (a group's query heads summed), or 1 for a latent state (all heads summed), so that a
@@ -246,3 +249,4 @@ class AttentionStats:
     received: list[Tensor]
     window: list[Tensor]
     macs: int = 0  # attention multiply-accumulates of the call, as each block counts them
+    query_energy: list[Tensor] | None = None

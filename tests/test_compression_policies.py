@@ -161,7 +161,9 @@ def test_intact_keeps_sinks_and_attended_pivots_exact():
 
 # ----------------------------------------------------------------------------- low rank, channels, layers
 
-def test_think_keeps_the_strongest_key_channels():
+def test_think_without_queries_keeps_the_strongest_key_channels():
+    """No statistics, so no window queries to score with (tests/test_policy_think.py has them): ThinK's
+    score with a uniform |Q_c| is the key norm."""
     state = make_state(20)
     strong = [1, 4, 6, 7]
     for layer in range(2):

@@ -12,12 +12,12 @@ import math
 from dataclasses import dataclass, field
 
 import torch
-from kvrec.compression.base import Dims, KVStorage, PolicyContext, PolicyError, Shapes, Storage, kv_dims
+from kvrec.compression.base import Dims, KVStorage, Policy, PolicyContext, PolicyError, Shapes, Storage, kv_dims
 from kvrec.compression.registry import register
 from kvrec.models.hstu import HSTUBlock
 from kvrec.models.recommender import SequentialRecommender
 from kvrec.models.sasrec import SASRecBlock, rotate
-from kvrec.models.state import State
+from kvrec.models.state import AttentionStats, State
 from torch import Tensor
 
 FLOAT_TYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -212,36 +212,91 @@ class SVD(KVStorage):
         return FLOAT_TYPES[self.dtype].itemsize * tokens * latent + (4 * tokens if key.rotary else 0)
 
 
+def check_observation_window(policy: Policy, window: int, context: PolicyContext | None) -> None:
+    """Refuse an observation window of more queries than the model reports statistics for (the last
+    ModelConfig.obs_window of each extension); without a model there is nothing to check against."""
+    if context is not None and context.model is not None:
+        reported = context.model.cfg.obs_window
+        policy.check(window <= reported, f"window must be at most the {reported} queries whose statistics the "
+                     f"model reports (ModelConfig.obs_window), got {window}")
+
+
 @register
 @dataclass
 class Think(KVStorage):
-    """Query-agnostic key-channel pruning (ThinK's pruning without its queries): keep the fraction `keep`
-    of each head's key channels with the largest weighted L2 norm over the kept tokens.
+    """ThinK (Xu et al., ICLR 2025, "ThinK: Thinner Key Cache by Query-Driven Pruning", arXiv 2407.21018):
+    prune the key channels that the current queries barely read. Channel c of a head scores
+    ||Q_w[:, c] K[:, c]^T||_F, with Q_w the queries of the observation window (the request's last
+    `window` queries; every query the model reports when None) and K the head's cached keys; each head
+    keeps the fraction `keep` of its channels with the highest score, and the others are pruned from the
+    keys of every cached token. Values are stored whole (ThinK's key-only variant); K and V in `dtype`.
 
-    ThinK (Xu et al., ICLR 2025, "ThinK: Thinner Key Cache by Query-Driven Pruning") scores channel c of
-    a head by |Q_c| |K_c|, with Q the queries of the observation window, so that the channels kept are
-    those the current queries read. A storage policy sees only the state, and `AttentionStats` carry no
-    queries, so here |Q_c| is taken as uniform and the score is the key norm alone: a heuristic, not
-    ThinK (the model and pipeline changes that make it ThinK are in the closing note of issue 12).
-    Pruned channels decode as zeros, so once a channel is pruned its norm over the old tokens is gone
-    and the same channels tend to stay chosen request after request. Values are untouched; K and V are
-    stored in `dtype`."""
+    Q_w[:, c] K[:, c]^T is an outer product, so its Frobenius norm is ||Q_w[:, c]|| ||K[:, c]||: the
+    model reports each window query's squared channels (`AttentionStats.query_energy`, on the state's
+    head axis) and the score is computed exactly from them, without the w x T products (ThinK's own code
+    ranks by the same product of norms). Under grouped-query attention the queries of a K/V head are
+    those of all the query heads that read it, stacked.
+
+    Deliberate differences:
+    - when: ThinK prunes once, after the prompt's prefill, from the prompt's last queries. Here every
+      request is such a prefill: the channels are chosen afresh each time the state is compressed
+      (`observe`, after the token stage, so on the tokens it kept, as ThinK runs after SnapKV or H2O),
+      from that request's window. A request of fewer than `window` events scores with the queries it
+      has; one without events (no queries) leaves the choice as it is.
+    - what is pruned: ThinK keeps its most recent 32 keys, and every key generated after the prompt,
+      whole in a dense buffer beside the pruned cache. A blob holds one layout per tensor, so here
+      every token's key, the window's included, keeps the same `keep` x d_k channels of its head.
+    - what a pruned channel becomes: it is stored nowhere, so it is zero in the state the service goes
+      on with (`observe` zeroes it, and a decode gives the same) and it cannot be restored. When a later
+      request keeps it, the tokens extended since (whose keys the model made whole) have it and the
+      older tokens hold zeros there; the score reads the keys as stored, so those zeros count against
+      the channel, and a channel once pruned comes back only when the new queries read it enough.
+    - a merged token's key counts once for every event it stands for (its weight), as attention does.
+    - without queries (a state encoded without compressing, or compressed without statistics) |Q_w[:, c]|
+      is taken as uniform: each head keeps its channels of most key energy.
+    """
 
     name = "think"
     keep: float = 0.5
     dtype: str = "fp32"
+    window: int | None = field(default=None, metadata={"none": "every query the model reports"})
 
     def __post_init__(self) -> None:
         self.check(0.0 < self.keep <= 1.0, f"keep must be in (0, 1], got {self.keep}")
+        self.check(self.window is None or self.window >= 1, f"window must be >= 1, got {self.window}")
         float_type(self, self.dtype)
+
+    def bind(self, context: PolicyContext | None) -> None:
+        if self.window is not None:
+            check_observation_window(self, self.window, context)
 
     def channels(self, d_k: int) -> int:
         return max(1, math.ceil(self.keep * d_k))
 
+    def choose(self, state: State, layer: int, query_energy: Tensor) -> Tensor:
+        """The kept channels [G, c] of each head of `layer`, ascending: the top of ThinK's score squared,
+        ||Q_w[:, c]||^2 (query_energy [G, d_k]) x ||K[:, c]||^2 (every kept token's key, by weight)."""
+        k = state.k[layer]  # [G, T, d_k]
+        key_energy = (k.square() * state.weight[layer][None, :, None]).sum(1)  # [G, d_k]
+        return torch.topk(query_energy * key_energy, self.channels(k.shape[2]), dim=1).indices.sort(dim=1).values
+
+    def observe(self, state: State, stats: AttentionStats | None) -> None:
+        """Choose each head's channels from this request's window and zero the others in every key."""
+        if stats is None or stats.query_energy is None:
+            return
+        for layer in range(state.num_layers):
+            energy = stats.query_energy[layer]  # [G, w, d_k], w >= 1: this call's last queries
+            window = energy[:, -self.window:] if self.window is not None else energy
+            kept = self.choose(state, layer, window.sum(1))  # [G, c]
+            mask = torch.zeros(energy.shape[0], energy.shape[2], dtype=torch.bool, device=energy.device)
+            mask.scatter_(1, kept, True)  # [G, d_k]
+            state.k[layer] = state.k[layer] * mask[:, None, :]
+
     def pack_layer(self, state: State, layer: int) -> dict[str, Tensor]:
+        # after `observe` at most c channels of a head are not zero, and those are the ones chosen (a
+        # chosen channel that is zero too may give its place to another zero one: the same keys)
         k, v = state.k[layer], state.v[layer]  # [H, T, d_k], [H, T, d_v]
-        score = (k.square() * state.weight[layer][None, :, None]).sum(1)  # [H, d_k]
-        idx = torch.topk(score, self.channels(k.shape[2]), dim=1).indices.sort(dim=1).values  # [H, c]
+        idx = self.choose(state, layer, k.new_ones(k.shape[0], k.shape[2]))  # [H, c]
         dtype = FLOAT_TYPES[self.dtype]
         return {"ki": idx.short(), "k": k.gather(2, idx[:, None, :].expand(-1, k.shape[1], -1)).to(dtype),
                 "v": v.to(dtype)}

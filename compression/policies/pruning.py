@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 from kvrec.compression.base import PolicyContext, PolicyError, Storage
-from kvrec.compression.policies.lowrank import move_keys, rotary_keys
+from kvrec.compression.policies.lowrank import check_observation_window, move_keys, rotary_keys
 from kvrec.compression.registry import register
 from kvrec.compression.selection import (
     TokenPolicy,
@@ -174,10 +174,7 @@ class SnapKV(TokenPolicy):
         self.check(self.kernel >= 1 and self.kernel % 2 == 1, f"kernel must be odd and >= 1, got {self.kernel}")
 
     def bind(self, context: PolicyContext | None) -> None:
-        if context is not None and context.model is not None:
-            reported = context.model.cfg.obs_window
-            self.check(self.window <= reported, f"window must be at most the {reported} queries whose attention "
-                       f"the model reports (ModelConfig.obs_window), got {self.window}")
+        check_observation_window(self, self.window, context)
 
     def keep(self, state: State, stats: AttentionStats | None, layer: int, budget: int) -> Tensor:
         t = state.tokens(layer)
