@@ -375,4 +375,17 @@ def run_offline(checkpoint, dataset, specs: list[str], *, events_per_request: in
     tallies = lane.tallies
     full_bytes = float(np.mean(tallies[REFERENCE].final_bytes))
     return [{**summarize(lane.pipelines[spec].spec, tallies[spec], full_bytes, len(streams)),
-             **versus_full(tallies[spec], tallies[REFERENCE])} for spec in lane.pipelines if spec in specs]
+             **versus_full(tallies[spec], tallies[REFERENCE]), "note": storage_note(lane.pipelines[spec])}
+            for spec in lane.pipelines if spec in specs]
+
+
+def storage_note(pipeline) -> str:
+    """What a row must say beside its numbers: how much a merging storage (MiniCache) merged over the
+    replay, so that one that merged nothing is flagged rather than shown as a compression (its bytes are
+    then its dtype cast alone)."""
+    storage = pipeline.storage
+    if not hasattr(storage, "merged_tokens"):
+        return ""
+    if storage.merged_tokens == 0:
+        return f"merged nothing of {storage.paired_tokens} paired tokens: the row is its dtype cast alone"
+    return f"merged {storage.merged_tokens} of {storage.paired_tokens} paired tokens"

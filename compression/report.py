@@ -60,6 +60,8 @@ def markdown_table(rows: list[dict]) -> str:
             "bytes/user mean", "p99", "ratio", "MACs/req", "ms/req (extend+compress+codec)"]
     if ranking:
         head += RANKING
+    noted = any(r.get("note") for r in rows)
+    head += ["note"] if noted else []
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         loss = _versus(r, "ndcg@10")
@@ -73,7 +75,7 @@ def markdown_table(rows: list[dict]) -> str:
             human_bytes(r["bytes_per_user_mean"]), human_bytes(r["bytes_per_user_p99"]), ratio,
             f"{r['macs_per_request']:.3g}",
             f"{r['ms_per_request']:.2f} ({r['ms_extend']:.2f}+{r['ms_compress']:.2f}+{r['ms_codec']:.2f})",
-            *(extra if ranking else []),
+            *(extra if ranking else []), *([r.get("note") or ""] if noted else []),
         ]) + " |")
     return "\n".join(lines)
 

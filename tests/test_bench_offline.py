@@ -192,3 +192,14 @@ def test_every_accuracy_comes_with_its_paired_difference_to_full(rows, ranking_r
                 assert low <= row[f"{key}_vs_full"] <= high
                 if full[key]:
                     assert row[f"{key}_vs_full"] == pytest.approx(row[key] / full[key] - 1, abs=1e-9)
+
+
+
+def test_a_row_that_merged_nothing_is_flagged(checkpoint):
+    from kvrec.compression.report import markdown_table
+
+    streams = stream_split(load_dataset(DATASET), min_future=6)
+    full, shallow = run_offline(checkpoint, streams, ["full", "minicache:dtype=fp16"], events_per_request=5,
+                                max_users=2, max_requests_per_user=2, progress=False)
+    assert shallow["note"].startswith("merged nothing") and full["note"] == ""
+    assert "| merged nothing of 0 paired tokens" in markdown_table([full, shallow])

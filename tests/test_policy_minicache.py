@@ -59,3 +59,14 @@ def test_minicache_on_a_shallow_model_merges_nothing_and_says_so():
     out = decode_state(encode_state(state, pipeline, "m"), pipeline, "m")
     assert pipeline.storage.merged_tokens == pipeline.storage.paired_tokens == 0
     assert all(torch.equal(a, b) for a, b in zip([*state.k, *state.v], [*out.k, *out.v]))
+
+
+def test_a_report_row_says_how_much_minicache_merged():
+    from kvrec.compression.bench import storage_note
+
+    deep, shallow = parse_policy("minicache:threshold=0.99"), parse_policy("minicache")
+    deep.storage.pack(deep_state())
+    shallow.storage.pack(deep_state(layers=2))
+    assert storage_note(deep) == f"merged {len(SIMILAR)} of {T} paired tokens"
+    assert storage_note(shallow).startswith("merged nothing of 0 paired tokens")
+    assert storage_note(parse_policy("int8")) == ""
