@@ -24,8 +24,10 @@ SPECS = {
     "ada": f"ada:budget={BUDGET},window=8", "knorm": f"knorm:budget={BUDGET}", "random": f"random:budget={BUDGET}",
     "merge": f"merge:budget={BUDGET},recent=8", "pool": f"pool:budget={BUDGET},window=8,chunk=4",
 }
-LOSSLESS = {"full", "window", "streaming", "h2o", "tova", "snapkv", "pyramid", "ada", "knorm", "random", "merge",
-            "pool"}  # token policies
+TOKEN_POLICIES = {"window", "streaming", "h2o", "tova", "snapkv", "pyramid", "ada", "knorm", "random", "merge", "pool"}
+# whose blob holds the compressed state exactly: the token policies, and think, which zeroes key channels
+# when it compresses (its choice, from the window's queries, is tested in test_policy_think.py)
+LOSSLESS = {"full", "think"} | TOKEN_POLICIES
 # The most relative error (||decoded - x|| / ||x||) each lossy storage may make on keys and on values,
 # from how it encodes, for each row (one token of one head), or, in KEYS_PER_HEAD, for a head's keys
 # together (groups that run across tokens); a correct encoder is always within it, a wrong one (a
@@ -47,13 +49,11 @@ ERROR_BOUND = {
     "intact": (math.sqrt((D - 2) / 2) / 15 * 1.01, math.sqrt((D - 2) / 2) / 15 * 1.01),  # 4 bits per row (group = d)
     # rank 16 is the projections' full rank (heads x d = dim = 16): Palu's latent loses nothing
     "svd": (1e-5, 1e-5),
-    # the kept half of each head's channels holds at least half of its keys' energy; values untouched
-    "think": (math.sqrt(1 - 0.5), 0.0),
     # a merged (head, token) vector is rebuilt along the midpoint of two directions at most
     # arccos(threshold) apart: off by 2 sin(arccos(threshold) / 4) of its norm; the rest retained
     "minicache": (2 * math.sin(math.acos(0.5) / 4), 2 * math.sin(math.acos(0.5) / 4)),
 }
-KEYS_PER_HEAD = {"kivi", "think"}
+KEYS_PER_HEAD = {"kivi"}
 FP = "tiny-model"
 
 
@@ -135,7 +135,7 @@ def budget_held(pipeline, state) -> None:
     assert sum(budgets) <= BUDGET * state.num_layers
 
 
-@pytest.mark.parametrize("name", sorted(LOSSLESS - {"full"}))
+@pytest.mark.parametrize("name", sorted(TOKEN_POLICIES))
 def test_token_policy_leaves_short_history_whole(name, model):
     pipeline = parse_policy(SPECS[name])
     state, _, stats = model.prefill(events(BUDGET - 3, 2))
