@@ -338,7 +338,7 @@ def unseen_users(dataset, checkpoints: list) -> tuple[frozenset[int] | None, str
     plainly, since the replay then predicts events that model was fitted to."""
     from kvrec.models.data import holdout_users
 
-    fraction = min(float(c.info.get("train", {}).get("holdout", 0.0)) for c in checkpoints)
+    fraction = min(c.holdout for c in checkpoints)
     if fraction == 0.0:
         return None, ("replaying users the model trained on (in-sample accuracy; train with --holdout-users "
                       "to replay users it never saw)")

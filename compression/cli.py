@@ -72,11 +72,11 @@ def register_bench(bench_sub) -> None:
 
 def offline(args) -> int:
     import torch
-    from kvrec.compression.bench import run_offline, unseen_users
+    from kvrec.compression.bench import run_offline
     from kvrec.compression.report import markdown_table, write_results
     from kvrec.compression.spec import describe_policies
     from kvrec.models.checkpoint import load_checkpoint
-    from kvrec.models.data import load_dataset, stream_split
+    from kvrec.models.data import load_dataset
 
     if args.policies.strip() == "list":
         print(describe_policies())
@@ -90,17 +90,14 @@ def offline(args) -> int:
         torch.set_num_threads(args.threads)
     checkpoint = load_checkpoint(args.model)
     dataset = load_dataset(args.dataset, format=args.format, columns=args.columns)
-    users, which = unseen_users(dataset, [checkpoint])
-    print(which, file=sys.stderr)
-    streams = stream_split(dataset, fraction=args.fraction, min_future=args.events_per_request + 1, users=users)
+    streams, replayed = replay_split(args, dataset, [checkpoint])
     if not streams:
         raise UsageError(f"{dataset.name}: no user has {args.events_per_request + 1} events after the prefix; "
                          "lower --events-per-request or --fraction")
     rows = run_offline(checkpoint, streams, specs, events_per_request=args.events_per_request,
                        max_users=args.max_users, max_requests_per_user=args.max_requests_per_user,
                        negatives=args.negatives, seed=args.seed, rank_candidates=args.candidates)
-    title = (f"{checkpoint.config.kind} on {args.dataset}: {rows[0]['users']} users "
-             f"({'held out of training' if users is not None else 'trained on'}), "
+    title = (f"{checkpoint.config.kind} on {args.dataset}: {rows[0]['users']} users ({replayed}), "
              f"{args.events_per_request} events/request")
     out = write_results(rows, args.out, title)
     print(markdown_table(rows))
@@ -132,6 +129,18 @@ def add_replay_arguments(p) -> None:
                    help="sampled negatives per request (GAUC, Recall@10)")
     p.add_argument("--fraction", type=fraction, default=0.5,
                    help="share of each history pre-loaded as the prefix, 0..1")
+
+
+def replay_split(args, dataset, checkpoints: list) -> tuple[list, str]:
+    """The users a replay scores, cut by the replay flags (`add_replay_arguments`): only those every
+    checkpoint was kept from in training, when they were (said on stderr); and how the titles name them."""
+    from kvrec.compression.bench import unseen_users
+    from kvrec.models.data import stream_split
+
+    users, which = unseen_users(dataset, checkpoints)
+    print(which, file=sys.stderr)
+    streams = stream_split(dataset, fraction=args.fraction, min_future=args.events_per_request + 1, users=users)
+    return streams, "held out of training" if users is not None else "trained on"
 
 
 def register_levels(bench_sub) -> None:
@@ -167,11 +176,10 @@ def register_levels(bench_sub) -> None:
 
 def levels(args) -> int:
     import torch
-    from kvrec.compression.bench import unseen_users
     from kvrec.compression.bench_levels import INTERVAL, check_same_dataset, labels_of, run_levels
     from kvrec.compression.report import levels_table, write_levels
     from kvrec.models.checkpoint import load_checkpoint
-    from kvrec.models.data import load_dataset, stream_split
+    from kvrec.models.data import load_dataset
 
     specs = parse_policy_list(args.policies)
     check_policies(specs)  # a typo fails here, before the models and the data are loaded
@@ -184,16 +192,13 @@ def levels(args) -> int:
     if dataset.item_ids != checkpoints[0].item_ids:
         raise UsageError(f"the item ids of {dataset.name} differ from the models'; give the dataset "
                          f"{args.models[0]} was trained on")
-    users, which = unseen_users(dataset, checkpoints)
-    print(which, file=sys.stderr)
-    streams = stream_split(dataset, fraction=args.fraction, min_future=args.events_per_request + 1, users=users)
+    streams, replayed = replay_split(args, dataset, checkpoints)
     rows = run_levels(checkpoints, streams, specs, labels=labels, events_per_request=args.events_per_request,
                       max_users=args.max_users, max_requests_per_user=args.max_requests_per_user,
                       negatives=args.negatives, seed=args.seed, lengths=args.lengths,
                       growth_request=args.growth_request)
     done = next(r for r in rows if not r.get("skipped"))
-    title = (f"MALLOC levels against {labels[0]} `full` on {args.dataset}\n{done['users']} users "
-             f"({'held out of training' if users is not None else 'trained on'}), "
+    title = (f"MALLOC levels against {labels[0]} `full` on {args.dataset}\n{done['users']} users ({replayed}), "
              f"{done['requests']} requests of {args.events_per_request} events")
     lengths = ", ".join(f"{n:,}" for n in sorted(set(args.lengths)))
     notes = (f"NDCG@10 vs base: paired per request against {labels[0]} `full`; {INTERVAL}. Sizes at {lengths} "

@@ -397,7 +397,7 @@ def check_inputs(cfg: SweepConfig, source: ReplaySource | None = None) -> Replay
     checkpoint = load_checkpoint(cfg.model)
     check_policies(cfg.policies, checkpoint)
     if not cfg.replay.holdout:  # the model's held-out users, whom Locust then replays too (to_flags)
-        cfg.replay = replace(cfg.replay, holdout=float(checkpoint.info.get("train", {}).get("holdout", 0.0)))
+        cfg.replay = replace(cfg.replay, holdout=checkpoint.holdout)
     source = source or load_source(cfg.replay.dataset, prefix_fraction=cfg.replay.prefix_fraction,
                                    max_users=cfg.replay.replay_users, holdout=cfg.replay.holdout)
     if set(source.catalogue).isdisjoint(checkpoint.item_ids):

@@ -34,6 +34,12 @@ class Checkpoint:
     def config(self) -> ModelConfig:
         return self.model.cfg
 
+    @property
+    def holdout(self) -> float:
+        """The share of users kept out of training (`kvrec train --holdout-users`; 0 when none), whose
+        ids `models.data.holdout_users` gives back from the dataset."""
+        return float(self.info.get("train", {}).get("holdout", 0.0))
+
     def item_index(self) -> dict[str, int]:
         """External item id -> internal id."""
         return {item: i for i, item in enumerate(self.item_ids)}
